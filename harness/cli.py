@@ -1,0 +1,134 @@
+"""``python -m harness``: run scenarios, render reports, manage the model zoo.
+
+Exit status: 0 every cell ran (ok or unsupported); 1 some cell failed (error, oom, timeout)
+or a regression was found; 2 bad input (printed as one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from harness.errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with status 2 on bad usage, which is our 'bad input' status too."""
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.matrix import expand
+    from harness.runner import Runner, any_failed
+    from harness.scenario import load_scenario
+
+    scenarios = [load_scenario(path) for path in args.scenarios]  # all validated first
+    cells = [cell for scenario in scenarios for cell in expand(scenario)]
+    if args.select:
+        cells = [cell for cell in cells if all(part in cell.nodeid for part in args.select)]
+        if not cells:
+            raise UserError(f"--select {' '.join(args.select)}: no cell id matches")
+    runner = Runner(args.out, progress=not args.quiet, save_images=not args.no_images)
+    results = runner.run(cells)
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.status] = counts.get(result.status, 0) + 1
+    summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    print(f"{len(results)} cells: {summary}; results in {runner.store.path if runner.store else '-'}")
+    return EXIT_FAILED if any_failed(results) else EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from harness.results import load
+    from reports import render
+
+    frame = load(args.results)
+    text = render(frame, fmt=args.format)
+    if args.output is None or str(args.output) == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from models import list_models
+
+    for info in list_models():
+        params = info.get("parameters", {})
+        counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in params.items())
+        cached = ", ".join(info.get("cached", [])) or "none"
+        print(f"{info['name']:8} {info['description']}")
+        print(f"{'':8} parameters: {counts}; cached formats: {cached}")
+    return EXIT_OK
+
+
+def _cmd_models_write(args: argparse.Namespace) -> int:
+    from models import write_model
+
+    path = write_model(args.name, args.format, Path(args.out))
+    print(f"wrote {args.name} ({args.format}) to {path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run scenario files and store the results")
+    run.add_argument("scenarios", nargs="+", type=Path, metavar="SCENARIO")
+    run.add_argument("--out", type=Path, default=Path("results"), help="results directory")
+    run.add_argument(
+        "--select", nargs="+", default=[], metavar="TEXT",
+        help="only cells whose id (file::cell) contains every TEXT",
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--no-images", action="store_true", help="do not save preview images")
+    run.set_defaults(handler=_cmd_run)
+
+    report = commands.add_parser("report", help="render results as HTML or Markdown")
+    report.add_argument("results", nargs="+", type=Path, metavar="DIR")
+    report.add_argument("-o", "--output", type=Path, default=None, help="output file (- = stdout)")
+    report.add_argument("--format", choices=("html", "md"), default="html")
+    report.set_defaults(handler=_cmd_report)
+
+    models = commands.add_parser("models", help="the model zoo")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = model_commands.add_parser("list", help="list the zoo's models")
+    listing.set_defaults(handler=_cmd_models_list)
+    write = model_commands.add_parser("write", help="write a zoo model in a format to a path")
+    write.add_argument("name")
+    write.add_argument("--format", choices=("hub", "safetensors", "ckpt"), required=True)
+    write.add_argument("--out", required=True, type=Path)
+    write.set_defaults(handler=_cmd_models_write)
+
+    for register in _extra_commands():
+        register(commands)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
+    """Sub-commands that live beside the code they drive (compare, baseline)."""
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # transformers warns at import about optional image processors; not ours to show
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; finished cells are in the results file", file=sys.stderr)
+        return EXIT_FAILED
+    return code

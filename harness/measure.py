@@ -1,0 +1,353 @@
+"""Measurement: phase and step timing, CPU and GPU memory, derived figures.
+
+Definitions (DESIGN.md, the contract with users):
+
+- **it/s** = ``batch × steps / wall`` where wall is one whole generation (prompt encoding +
+  denoising + VAE decode), the device synchronised at both ends.
+- **denoise it/s** = ``batch × steps / denoise time``.
+- **step latency**: each denoising step's time from device events (CUDA events on a GPU,
+  ``perf_counter`` on the CPU), all steps of every timed repeat; median and spread.
+- **memory cpu**: peak resident set size of this process during the cell, the larger of a
+  ≈10 ms sampler and the OS high-water mark (``VmHWM``, reset per cell where Linux allows).
+- **memory gpu**: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` after a
+  reset, and device-level used memory (``torch.cuda.mem_get_info``, includes the CUDA
+  context) sampled during the cell; allocator retries and OOM count.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+GB = 1024**3
+PHASES: tuple[str, ...] = ("encode", "denoise", "decode")
+
+
+class CellTimeout(Exception):
+    """Raised from a step callback when the cell's time budget is spent."""
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Clock:
+    """A point in time on the device: a CUDA event, or the host clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mark(self) -> Any:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self.device.type == "cuda":
+            return float(start.elapsed_time(end)) / 1000.0
+        return float(end - start)
+
+
+class GenerationTimer:
+    """Timing of one generation, driven by the backend.
+
+    A backend wraps its three phases in :meth:`phase` and calls :meth:`step` at the end of
+    every denoising step (a k-diffusion style callback). The first step is timed from the
+    start of the ``denoise`` phase. ``deadline`` (host clock) makes :meth:`step` raise
+    :class:`CellTimeout` so a runaway cell stops between steps.
+    """
+
+    def __init__(self, device: torch.device, deadline: float | None = None) -> None:
+        self._clock = _Clock(device)
+        self.device = device
+        self.deadline = deadline
+        self._phase_marks: dict[str, tuple[Any, Any]] = {}
+        self._open: dict[str, Any] = {}
+        self._step_marks: list[Any] = []
+        self._start: Any = None
+        self._end: Any = None
+
+    def __enter__(self) -> GenerationTimer:
+        synchronize(self.device)
+        self._start = self._clock.mark()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end = self._clock.mark()
+        synchronize(self.device)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase ``name`` (encode, denoise or decode)."""
+        self.begin(name)
+        yield
+        self.end(name)
+
+    def begin(self, name: str) -> None:
+        """Start phase ``name``; for code whose phases are split by callbacks."""
+        if name not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
+        start = self._clock.mark()
+        if name == "denoise":
+            self._step_marks = [start]
+        self._open[name] = start
+
+    def end(self, name: str) -> None:
+        """End phase ``name`` (started with :meth:`begin`)."""
+        start = self._open.pop(name)
+        self._phase_marks[name] = (start, self._clock.mark())
+
+    def step(self, *_args: Any, **_kwargs: Any) -> None:
+        """Mark the end of a denoising step; accepts and ignores callback arguments."""
+        self._step_marks.append(self._clock.mark())
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise CellTimeout("cell exceeded its timeout_s")
+
+    def wall_s(self) -> float:
+        return self._clock.seconds(self._start, self._end)
+
+    def phase_s(self, name: str) -> float | None:
+        marks = self._phase_marks.get(name)
+        return None if marks is None else self._clock.seconds(*marks)
+
+    def step_s(self) -> list[float]:
+        marks = self._step_marks
+        return [self._clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One generation's times, seconds."""
+
+    wall: float
+    encode: float | None
+    denoise: float | None
+    decode: float | None
+    steps: tuple[float, ...]
+
+    @classmethod
+    def from_timer(cls, timer: GenerationTimer) -> Timing:
+        return cls(
+            wall=timer.wall_s(),
+            encode=timer.phase_s("encode"),
+            denoise=timer.phase_s("denoise"),
+            decode=timer.phase_s("decode"),
+            steps=tuple(timer.step_s()),
+        )
+
+
+# --- memory -------------------------------------------------------------------------------
+
+
+def _reset_os_peak() -> bool:
+    """Reset this process's ``VmHWM`` (Linux ``clear_refs`` value 5); False where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _os_peak_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryPeaks:
+    cpu_rss_sampled_gb: float
+    cpu_rss_os_peak_gb: float | None
+    gpu_allocated_peak_gb: float | None = None
+    gpu_reserved_peak_gb: float | None = None
+    gpu_device_used_peak_gb: float | None = None
+    gpu_alloc_retries: int | None = None
+    gpu_ooms: int | None = None
+
+    @property
+    def cpu_peak_gb(self) -> float:
+        """The table's memory cpu: the larger of the sampled and the OS peak."""
+        return max(self.cpu_rss_sampled_gb, self.cpu_rss_os_peak_gb or 0.0)
+
+
+class MemoryMonitor:
+    """Samples RSS (and device-used GPU memory) every ``interval`` seconds in a thread."""
+
+    def __init__(self, device: torch.device, interval: float = 0.01) -> None:
+        self.device = device
+        self.interval = interval
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rss_peak = 0
+        self._device_used_peak = 0
+        self._os_peak_reset = False
+
+    def _sample(self) -> None:
+        self._rss_peak = max(self._rss_peak, self._process.memory_info().rss)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._device_used_peak = max(self._device_used_peak, total - free)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> MemoryMonitor:
+        self._os_peak_reset = _reset_os_peak()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="sdbench-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def peaks(self) -> MemoryPeaks:
+        os_peak = _os_peak_bytes() if self._os_peak_reset else None
+        peaks = MemoryPeaks(
+            cpu_rss_sampled_gb=self._rss_peak / GB,
+            cpu_rss_os_peak_gb=None if os_peak is None else os_peak / GB,
+        )
+        if self.device.type != "cuda":
+            return peaks
+        stats = torch.cuda.memory_stats(self.device)
+        return MemoryPeaks(
+            cpu_rss_sampled_gb=peaks.cpu_rss_sampled_gb,
+            cpu_rss_os_peak_gb=peaks.cpu_rss_os_peak_gb,
+            gpu_allocated_peak_gb=torch.cuda.max_memory_allocated(self.device) / GB,
+            gpu_reserved_peak_gb=torch.cuda.max_memory_reserved(self.device) / GB,
+            gpu_device_used_peak_gb=self._device_used_peak / GB,
+            gpu_alloc_retries=int(stats.get("num_alloc_retries", 0)),
+            gpu_ooms=int(stats.get("num_ooms", 0)),
+        )
+
+
+# --- derived figures ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything measured for one cell, raw repeats first, then derived figures."""
+
+    batch: int
+    steps: int
+    wall_s: tuple[float, ...]
+    encode_s: tuple[float, ...]
+    denoise_s: tuple[float, ...]
+    decode_s: tuple[float, ...]
+    step_s: tuple[float, ...]
+    first_call_s: float
+    load_s: float
+    memory: MemoryPeaks
+    load_memory: MemoryPeaks | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_timings(
+        cls,
+        *,
+        batch: int,
+        steps: int,
+        timings: list[Timing],
+        first_call_s: float,
+        load_s: float,
+        memory: MemoryPeaks,
+        load_memory: MemoryPeaks | None = None,
+    ) -> Measurement:
+        if not timings:
+            raise ValueError("a measurement needs at least one timed repeat")
+        return cls(
+            batch=batch,
+            steps=steps,
+            wall_s=tuple(t.wall for t in timings),
+            encode_s=tuple(t.encode or 0.0 for t in timings),
+            denoise_s=tuple(t.denoise or 0.0 for t in timings),
+            decode_s=tuple(t.decode or 0.0 for t in timings),
+            step_s=tuple(s for t in timings for s in t.steps),
+            first_call_s=first_call_s,
+            load_s=load_s,
+            memory=memory,
+            load_memory=load_memory,
+        )
+
+    @property
+    def its_repeats(self) -> list[float]:
+        return [self.batch * self.steps / wall for wall in self.wall_s]
+
+    @property
+    def denoise_its_repeats(self) -> list[float]:
+        return [self.batch * self.steps / t for t in self.denoise_s if t > 0]
+
+    def summary(self) -> dict[str, Any]:
+        """Flat figures for the results store (see docs/results.md for each column)."""
+        its = self.its_repeats
+        denoise = self.denoise_its_repeats
+        steps_ms = [s * 1000 for s in self.step_s]
+        mean_its = statistics.fmean(its)
+        row: dict[str, Any] = {
+            "its": statistics.median(its),
+            "its_min": min(its),
+            "its_max": max(its),
+            "its_cv": statistics.pstdev(its) / mean_its if len(its) > 1 else 0.0,
+            "its_repeats": its,
+            "denoise_its": statistics.median(denoise) if denoise else None,
+            "denoise_its_repeats": denoise,
+            "wall_s": statistics.median(self.wall_s),
+            "wall_s_repeats": list(self.wall_s),
+            "encode_s": statistics.median(self.encode_s),
+            "denoise_s": statistics.median(self.denoise_s),
+            "decode_s": statistics.median(self.decode_s),
+            "step_ms_median": statistics.median(steps_ms) if steps_ms else None,
+            "step_ms_p10": _quantile(steps_ms, 0.10),
+            "step_ms_p90": _quantile(steps_ms, 0.90),
+            "step_ms_min": min(steps_ms) if steps_ms else None,
+            "step_ms_max": max(steps_ms) if steps_ms else None,
+            "first_call_s": self.first_call_s,
+            "load_s": self.load_s,
+            "cpu_peak_gb": self.memory.cpu_peak_gb,
+            **asdict(self.memory),
+        }
+        if self.load_memory is not None:
+            row["load_cpu_peak_gb"] = self.load_memory.cpu_peak_gb
+            row["load_gpu_allocated_peak_gb"] = self.load_memory.gpu_allocated_peak_gb
+        row.update(self.extra)
+        return row
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``fn`` with the device synchronised at both ends; return (result, seconds)."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start

@@ -1,0 +1,62 @@
+"""The common vocabulary of scenario axes; each backend maps it to its own terms.
+
+The sampler names are shared by every backend: the original backend implements them as
+k-diffusion style functions, the diffusers backend maps them to schedulers. A backend that
+has no equivalent for a name reports the cell ``unsupported``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+#: Samplers without a sigma-schedule variant.
+BASE_SAMPLERS: tuple[str, ...] = (
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm_2",
+    "dpm_2_a",
+    "lms",
+    "dpmpp_2m",
+    "dpmpp_2s_a",
+    "dpmpp_sde",
+    "ddim",
+    "deis",
+    "unipc",
+)
+#: Samplers that also exist with the Karras et al. (2022) sigma schedule, spelled ``NAME_karras``.
+KARRAS_CAPABLE: tuple[str, ...] = (
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm_2",
+    "dpm_2_a",
+    "lms",
+    "dpmpp_2m",
+    "dpmpp_2s_a",
+    "dpmpp_sde",
+)
+SAMPLERS: tuple[str, ...] = BASE_SAMPLERS + tuple(f"{name}_karras" for name in KARRAS_CAPABLE)
+
+
+def split_sampler(name: str) -> tuple[str, bool]:
+    """``"dpmpp_2m_karras"`` -> ``("dpmpp_2m", True)``; ``"euler"`` -> ``("euler", False)``."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    if name.endswith("_karras"):
+        return name[: -len("_karras")], True
+    return name, False
+
+
+Backend = str  # validated against the backend registry, which may grow
+Source = Literal["hub", "safetensors", "ckpt"]
+Workflow = Literal["txt2img", "img2img", "inpaint", "outpaint", "hires"]
+DType = Literal["fp32", "fp16", "bf16"]
+Offload = Literal["none", "medvram", "lowvram"]
+Compile = Literal["none", "default", "reduce-overhead", "max-autotune"]
+Attention = Literal["sdp", "math", "xformers"]
+Device = Literal["auto", "cpu", "cuda"]
+Status = Literal["ok", "error", "oom", "timeout", "unsupported"]
+
+STATUSES: tuple[str, ...] = ("ok", "error", "oom", "timeout", "unsupported")
+FAILED_STATUSES: frozenset[str] = frozenset({"error", "oom", "timeout"})

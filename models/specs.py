@@ -1,0 +1,254 @@
+"""Architecture specs of the zoo: one spec per model, both configs derived from it.
+
+A :class:`ModelSpec` holds the diffusers configs of a Stable Diffusion 1.x model (UNet, VAE,
+CLIP text encoder, tokenizer, scheduler). The original (CompVis/LDM) configuration is derived
+from the same spec by :meth:`ModelSpec.ldm_config`, so the two layouts cannot disagree about,
+say, which UNet levels carry attention (a mismatch shows up only as missing keys at load).
+
+``sd15`` has the shapes of the public Stable Diffusion 1.5 release (860M-parameter UNet,
+CLIP ViT-L/14 text encoder, KL-f8 VAE). ``tiny`` keeps the same structure (f8 VAE, attention
+on the first UNet level and in the middle, GroupNorm of 32) at widths that run in
+milliseconds on a CPU; its widths are multiples of 32 because the original modules
+hard-code 32 normalisation groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Bumped whenever synthesis changes in a way that changes the written tensors.
+ZOO_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A zoo model: diffusers component configs plus synthesis settings."""
+
+    name: str
+    description: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    #: Seed of the random weights; every tensor draws from a generator derived from it.
+    seed: int = 0
+    #: Hub-style repo id under which the zoo places the model in a local HF cache.
+    repo_id: str = ""
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "scheduler": self.scheduler,
+            "tokenizer": self.tokenizer,
+            "seed": self.seed,
+            "repo_id": self.repo_id,
+            "zoo_format_version": ZOO_FORMAT_VERSION,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        fields_ = {k: v for k, v in data.items() if k != "zoo_format_version"}
+        return cls(**fields_)
+
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.vae["block_out_channels"]) - 1))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae["latent_channels"])
+
+    def ldm_config(self) -> dict[str, Any]:
+        """The original LDM configuration (as in ``v1-inference.yaml``) of this spec."""
+        unet, vae, text = self.unet, self.vae, self.text_encoder
+        widths = list(unet["block_out_channels"])
+        base = widths[0]
+        if any(width % base for width in widths):
+            raise ValueError(f"UNet widths must be multiples of the first, got {widths}")
+        attention_levels = [
+            2**level
+            for level, kind in enumerate(unet["down_block_types"])
+            if kind.startswith("CrossAttn")
+        ]
+        heads = unet["attention_head_dim"]
+        vae_widths = list(vae["block_out_channels"])
+        return {
+            "unet": {
+                "image_size": unet["sample_size"],
+                "in_channels": unet["in_channels"],
+                "out_channels": unet["out_channels"],
+                "model_channels": base,
+                "attention_resolutions": sorted(attention_levels, reverse=True),
+                "num_res_blocks": unet["layers_per_block"],
+                "channel_mult": [width // base for width in widths],
+                "num_heads": heads if isinstance(heads, int) else list(heads)[0],
+                "use_spatial_transformer": True,
+                "transformer_depth": 1,
+                "context_dim": unet["cross_attention_dim"],
+                "use_linear_in_transformer": bool(unet.get("use_linear_projection", False)),
+                "legacy": False,
+            },
+            "first_stage": {
+                "embed_dim": vae["latent_channels"],
+                "double_z": True,
+                "z_channels": vae["latent_channels"],
+                "resolution": vae["sample_size"],
+                "in_channels": vae["in_channels"],
+                "out_ch": vae["out_channels"],
+                "ch": vae_widths[0],
+                "ch_mult": [width // vae_widths[0] for width in vae_widths],
+                "num_res_blocks": vae["layers_per_block"],
+                "attn_resolutions": [],
+                "dropout": 0.0,
+            },
+            "cond_stage": {
+                "hidden_size": text["hidden_size"],
+                "max_length": text["max_position_embeddings"],
+                "layer": "last",
+            },
+            "scale_factor": vae["scaling_factor"],
+            "linear_start": self.scheduler["beta_start"],
+            "linear_end": self.scheduler["beta_end"],
+            "timesteps": self.scheduler["num_train_timesteps"],
+            "parameterization": "eps",
+        }
+
+
+_SD1_SCHEDULER: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "trained_betas": None,
+}
+
+
+def _unet(
+    widths: tuple[int, ...],
+    attention: tuple[bool, ...],
+    layers: int,
+    heads: int,
+    context: int,
+    sample_size: int,
+    in_channels: int = 4,
+) -> dict[str, Any]:
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "out_channels": 4,
+        "down_block_types": down,
+        "up_block_types": up,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": list(widths),
+        "layers_per_block": layers,
+        "attention_head_dim": heads,
+        "cross_attention_dim": context,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "center_input_sample": False,
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "use_linear_projection": False,
+    }
+
+
+def _vae(widths: tuple[int, ...], layers: int, sample_size: int) -> dict[str, Any]:
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+        "up_block_types": ["UpDecoderBlock2D"] * len(widths),
+        "block_out_channels": list(widths),
+        "layers_per_block": layers,
+        "act_fn": "silu",
+        "norm_num_groups": 32,
+        "sample_size": sample_size,
+        "scaling_factor": 0.18215,
+    }
+
+
+def _clip(
+    vocab: int, hidden: int, intermediate: int, layers: int, heads: int
+) -> dict[str, Any]:
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": hidden,
+        "bos_token_id": vocab - 2,
+        "eos_token_id": vocab - 1,
+        "pad_token_id": 1,
+    }
+
+
+SPECS: dict[str, ModelSpec] = {
+    "tiny": ModelSpec(
+        name="tiny",
+        description="SD 1.x structure at test widths (UNet 32/64, VAE f8, CLIP 2x32); CPU ms",
+        unet=_unet((32, 64), (True, False), layers=1, heads=4, context=32, sample_size=8),
+        vae=_vae((32, 32, 64, 64), layers=1, sample_size=64),
+        text_encoder=_clip(vocab=1000, hidden=32, intermediate=64, layers=2, heads=4),
+        scheduler=_SD1_SCHEDULER,
+        tokenizer={"vocab_size": 1000, "model_max_length": 77},
+        seed=0,
+        repo_id="sdbench/tiny",
+    ),
+    "sd15": ModelSpec(
+        name="sd15",
+        description="Stable Diffusion 1.5 shapes: 860M UNet, CLIP ViT-L/14, KL-f8 VAE",
+        unet=_unet(
+            (320, 640, 1280, 1280),
+            (True, True, True, False),
+            layers=2,
+            heads=8,
+            context=768,
+            sample_size=64,
+        ),
+        vae=_vae((128, 256, 512, 512), layers=2, sample_size=512),
+        text_encoder=_clip(vocab=49408, hidden=768, intermediate=3072, layers=12, heads=12),
+        scheduler=_SD1_SCHEDULER,
+        tokenizer={"vocab_size": 49408, "model_max_length": 77},
+        seed=0,
+        repo_id="sdbench/sd15",
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The zoo spec called ``name``; ``KeyError`` lists the known names."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise KeyError(f"unknown zoo model {name!r}; the zoo has {', '.join(SPECS)}") from None
