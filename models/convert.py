@@ -1,0 +1,383 @@
+"""Writers of the two on-disk layouts of a Stable Diffusion 1.x model.
+
+- The **hub folder** (what ``StableDiffusionPipeline.from_pretrained`` reads):
+  ``model_index.json`` plus ``unet/``, ``vae/``, ``text_encoder/`` (safetensors weights and
+  ``config.json``), ``tokenizer/`` and ``scheduler/``. No safety checker or feature
+  extractor: both are null in ``model_index.json`` and ``requires_safety_checker`` is false.
+- The **original single file** of the CompVis/LDM release: ``model.diffusion_model.*``
+  (UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*``
+  (CLIP) and the DDPM schedule buffers of ``LatentDiffusion``, as ``.safetensors`` (the spec
+  as JSON in the metadata under :data:`SPEC_METADATA_KEY`) or ``.ckpt`` (a pickled dict
+  ``{"state_dict", "sdbench_spec", "global_step"}`` that ``torch.load(weights_only=True)``
+  reads).
+
+The key mapping ports diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``
+and generalises its hard-coded four levels / two layers to any ``block_out_channels`` and
+``layers_per_block``: it is derived from the component configs, as the inverse of diffusers'
+``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .specs import ModelSpec
+from .tokenizer import write_tokenizer
+
+#: Metadata key (safetensors) and dict key (ckpt) of the zoo spec, as JSON.
+SPEC_METADATA_KEY = "sdbench_spec"
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+SINGLE_FILE_SUFFIXES = {".safetensors": "safetensors", ".ckpt": "ckpt"}
+
+# diffusers name → LDM name of the sub-modules of one resnet block.
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+# A prefix map: (diffusers prefix, LDM prefix, renames of the first names after the prefix).
+PrefixMap = list[tuple[str, str, dict[str, str]]]
+
+
+# --------------------------------------------------------------------------- key mapping
+
+
+def unet_prefix_map(config: dict[str, Any]) -> PrefixMap:
+    """diffusers → LDM module prefixes of a ``UNet2DConditionModel`` config."""
+    levels = len(config["block_out_channels"])
+    layers = int(config["layers_per_block"])
+    pairs: PrefixMap = [
+        ("time_embedding.linear_1", "time_embed.0", {}),
+        ("time_embedding.linear_2", "time_embed.2", {}),
+        ("conv_in", "input_blocks.0.0", {}),
+        ("conv_norm_out", "out.0", {}),
+        ("conv_out", "out.2", {}),
+        ("mid_block.resnets.0", "middle_block.0", _UNET_RESNET),
+        ("mid_block.attentions.0", "middle_block.1", {}),
+        ("mid_block.resnets.1", "middle_block.2", _UNET_RESNET),
+    ]
+    for level in range(levels):
+        for layer in range(layers):
+            index = 1 + level * (layers + 1) + layer
+            pairs.append(
+                (f"down_blocks.{level}.resnets.{layer}", f"input_blocks.{index}.0", _UNET_RESNET)
+            )
+            pairs.append((f"down_blocks.{level}.attentions.{layer}", f"input_blocks.{index}.1", {}))
+        if level < levels - 1:
+            index = 1 + level * (layers + 1) + layers
+            pairs.append(
+                (f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{index}.0.op", {})
+            )
+    up_types = config["up_block_types"]
+    for level in range(levels):
+        for layer in range(layers + 1):
+            index = level * (layers + 1) + layer
+            pairs.append(
+                (f"up_blocks.{level}.resnets.{layer}", f"output_blocks.{index}.0", _UNET_RESNET)
+            )
+            pairs.append((f"up_blocks.{level}.attentions.{layer}", f"output_blocks.{index}.1", {}))
+        if level < levels - 1:
+            index = level * (layers + 1) + layers
+            slot = 2 if up_types[level].startswith("CrossAttn") else 1
+            pairs.append(
+                (f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{index}.{slot}.conv", {})
+            )
+    return pairs
+
+
+def vae_prefix_map(config: dict[str, Any]) -> PrefixMap:
+    """diffusers → LDM module prefixes of an ``AutoencoderKL`` config."""
+    levels = len(config["block_out_channels"])
+    layers = int(config["layers_per_block"])
+    pairs: PrefixMap = [
+        ("quant_conv", "quant_conv", {}),
+        ("post_quant_conv", "post_quant_conv", {}),
+    ]
+    for part in ("encoder", "decoder"):
+        pairs += [
+            (f"{part}.conv_in", f"{part}.conv_in", {}),
+            (f"{part}.conv_out", f"{part}.conv_out", {}),
+            (f"{part}.conv_norm_out", f"{part}.norm_out", {}),
+            (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", _VAE_RESNET),
+            (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", _VAE_RESNET),
+            (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _VAE_ATTENTION),
+        ]
+    for level in range(levels):
+        for layer in range(layers):
+            pairs.append(
+                (
+                    f"encoder.down_blocks.{level}.resnets.{layer}",
+                    f"encoder.down.{level}.block.{layer}",
+                    _VAE_RESNET,
+                )
+            )
+        if level < levels - 1:
+            pairs.append(
+                (
+                    f"encoder.down_blocks.{level}.downsamplers.0.conv",
+                    f"encoder.down.{level}.downsample.conv",
+                    {},
+                )
+            )
+    for level in range(levels):
+        ldm_level = levels - 1 - level
+        for layer in range(layers + 1):
+            pairs.append(
+                (
+                    f"decoder.up_blocks.{level}.resnets.{layer}",
+                    f"decoder.up.{ldm_level}.block.{layer}",
+                    _VAE_RESNET,
+                )
+            )
+        if level < levels - 1:
+            pairs.append(
+                (
+                    f"decoder.up_blocks.{level}.upsamplers.0.conv",
+                    f"decoder.up.{ldm_level}.upsample.conv",
+                    {},
+                )
+            )
+    return pairs
+
+
+def _rename(key: str, prefixes: PrefixMap) -> str:
+    """The LDM name of the diffusers ``key`` (longest matching prefix wins)."""
+    best: tuple[str, str, dict[str, str]] | None = None
+    for entry in prefixes:
+        if key.startswith(entry[0] + ".") and (best is None or len(entry[0]) > len(best[0])):
+            best = entry
+    if best is None:
+        raise KeyError(f"no original-layout name for diffusers key {key!r}")
+    hf_prefix, ldm_prefix, renames = best
+    rest = key[len(hf_prefix) + 1 :]
+    for old, new in renames.items():
+        if rest.startswith(old + "."):
+            rest = new + rest[len(old) :]
+            break
+    return f"{ldm_prefix}.{rest}"
+
+
+def _convert(
+    state: dict[str, torch.Tensor], prefixes: PrefixMap, out_prefix: str
+) -> dict[str, torch.Tensor]:
+    converted = {out_prefix + _rename(key, prefixes): value for key, value in state.items()}
+    if len(converted) != len(state):
+        raise AssertionError(f"key mapping collided: {len(state)} keys became {len(converted)}")
+    return converted
+
+
+def unet_to_original(
+    state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """A diffusers UNet state dict under the LDM names (``model.diffusion_model.*``)."""
+    return _convert(state, unet_prefix_map(config), UNET_PREFIX)
+
+
+def vae_to_original(
+    state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """A diffusers VAE state dict under the LDM names (``first_stage_model.*``).
+
+    The LDM mid-block attention uses 1x1 convolutions for q/k/v/proj_out, so those linear
+    weights gain two trailing unit dimensions.
+    """
+    converted = _convert(state, vae_prefix_map(config), VAE_PREFIX)
+    for key, value in converted.items():
+        if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
+            converted[key] = value[:, :, None, None]
+    return converted
+
+
+def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict under ``cond_stage_model.transformer.*``.
+
+    transformers ≥ 5.6 has no ``text_model.`` prefix; the original layout (and diffusers'
+    detection of the CLIP weights in a single file) needs it, so it is added when absent.
+    """
+    return {
+        CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): value
+        for key, value in state.items()
+    }
+
+
+def ddpm_buffers(scheduler: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The schedule buffers ``LatentDiffusion.register_schedule`` stores in a checkpoint.
+
+    Computed in float64 as the LDM code does, stored as float32. Only the ``scaled_linear``
+    schedule of SD 1.x (``linear`` in LDM's naming) is supported.
+    """
+    if scheduler.get("beta_schedule") != "scaled_linear":
+        raise ValueError(
+            f"beta_schedule must be 'scaled_linear', got {scheduler.get('beta_schedule')!r}"
+        )
+    steps = int(scheduler["num_train_timesteps"])
+    start, end = float(scheduler["beta_start"]), float(scheduler["beta_end"])
+    betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    cumprod = torch.cumprod(alphas, dim=0)
+    cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
+    posterior_variance = betas * (1.0 - cumprod_prev) / (1.0 - cumprod)
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": cumprod,
+        "alphas_cumprod_prev": cumprod_prev,
+        "sqrt_alphas_cumprod": cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / cumprod - 1.0).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * cumprod_prev.sqrt() / (1.0 - cumprod),
+        "posterior_mean_coef2": (1.0 - cumprod_prev) * alphas.sqrt() / (1.0 - cumprod),
+    }
+    return {name: value.to(torch.float32) for name, value in buffers.items()}
+
+
+def to_original_state_dict(
+    spec: ModelSpec, states: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The single-file state dict of a model from its diffusers component state dicts."""
+    state = ddpm_buffers(spec.scheduler)
+    state.update(unet_to_original(states["unet"], spec.unet))
+    state.update(vae_to_original(states["vae"], spec.vae))
+    state.update(text_encoder_to_original(states["text_encoder"]))
+    return {key: value.contiguous() for key, value in state.items()}
+
+
+# --------------------------------------------------------------------------- single files
+
+
+def single_file_format(path: Path) -> str | None:
+    """``safetensors`` / ``ckpt`` from the suffix of ``path``; ``None`` for anything else."""
+    return SINGLE_FILE_SUFFIXES.get(path.suffix.lower())
+
+
+def save_single_file(state: dict[str, torch.Tensor], spec: ModelSpec, path: Path) -> Path:
+    """Write an original-layout state dict as ``.safetensors`` or ``.ckpt`` (by suffix)."""
+    spec_json = json.dumps(spec.to_dict(), sort_keys=True)
+    fmt = single_file_format(path)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata={"format": "pt", SPEC_METADATA_KEY: spec_json})
+    elif fmt == "ckpt":
+        torch.save({"state_dict": state, SPEC_METADATA_KEY: spec_json, "global_step": 0}, path)
+    else:
+        raise ValueError(f"single file must end in .safetensors or .ckpt, got {path.name!r}")
+    return path
+
+
+def load_ckpt(path: Path) -> dict[str, Any]:
+    """A ``.ckpt`` as a dict, memory-mapped where the file allows it (``weights_only``)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) serialisation cannot be memory-mapped
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a dict in {path.name}, found {type(data).__name__}")
+    return data
+
+
+def read_spec_metadata(path: Path) -> dict[str, Any] | None:
+    """The zoo spec stored in a single file, or ``None`` when it has none."""
+    if single_file_format(path) == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(SPEC_METADATA_KEY)
+    else:
+        text = load_ckpt(path).get(SPEC_METADATA_KEY)
+    return json.loads(text) if isinstance(text, str) and text else None
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of a single file, without reading the tensors of a safetensors file."""
+    if single_file_format(path) == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    data = load_ckpt(path)
+    state = data.get("state_dict", data)
+    return {
+        key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)
+    }
+
+
+# --------------------------------------------------------------------------- hub folder
+
+
+def model_index(spec: ModelSpec) -> dict[str, Any]:
+    """``model_index.json`` of a hub folder (no safety checker, no feature extractor)."""
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", spec.scheduler["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def write_config_folder(spec: ModelSpec, folder: Path, components: Any = None) -> Path:
+    """A hub-layout folder with ``model_index.json``, component configs and the tokenizer.
+
+    ``components`` (a :class:`~models.synth.Components`) defaults to meta-device modules:
+    only their configs are written, no weights.
+    """
+    import diffusers
+
+    from .synth import empty_components
+
+    components = components if components is not None else empty_components(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(model_index(spec), indent=2) + "\n")
+    scheduler_cls = getattr(diffusers, spec.scheduler["_class_name"])
+    scheduler_cls.from_config(spec.scheduler).save_pretrained(folder / "scheduler")
+    write_tokenizer(spec, folder / "tokenizer")
+    components.unet.save_config(folder / "unet")
+    components.vae.save_config(folder / "vae")
+    components.text_encoder.config.save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def write_hub_folder(spec: ModelSpec, components: Any, folder: Path) -> Path:
+    """The full hub folder of ``components`` (fp32 safetensors weights) in ``folder``."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per shard would interleave run output
+    write_config_folder(spec, folder, components)
+    for name, model in components.items():
+        model.save_pretrained(folder / name, safe_serialization=True)
+    return folder
+
+
+def write_single_file(spec: ModelSpec, components: Any, path: Path) -> Path:
+    """The original-layout single file of ``components`` at ``path`` (suffix picks the format)."""
+    states = {name: model.state_dict() for name, model in components.items()}
+    return save_single_file(to_original_state_dict(spec, states), spec, path)

@@ -1,0 +1,280 @@
+"""Resolution of model references to files on disk.
+
+A scenario's ``model`` is one of:
+
+- a zoo name (``tiny``, ``sd15``): synthesised on first use and cached; ``source`` picks the
+  format (``hub`` folder, ``safetensors`` or ``ckpt`` single file);
+- a local path: a hub-layout folder (``model_index.json``) or a single ``.safetensors`` /
+  ``.ckpt`` file;
+- ``hub:ORG/NAME``: resolved through huggingface_hub (offline from its cache when
+  ``HF_HUB_OFFLINE=1`` or no network; ``hub:sdbench/<zoo name>`` is placed in the local cache
+  by the zoo first).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import UserError
+
+from .convert import read_shapes, read_spec_metadata, single_file_format
+from .specs import SPECS, ModelSpec, get_spec
+from .zoo import config_folder, hf_cache_dir, install_in_hf_cache, materialize
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference resolved to local files."""
+
+    #: As written in the scenario.
+    reference: str
+    #: ``hub`` (a folder in the diffusers layout) or ``safetensors`` / ``ckpt`` (single file).
+    source: str
+    #: The hub folder or the single file.
+    path: Path
+    #: The zoo architecture (``tiny``, ``sd15``) when known, from the zoo or file metadata.
+    spec_name: str | None
+    #: A hub-layout folder of the same architecture (component configs and tokenizer, weights
+    #: optional): what ``from_single_file(config=...)`` needs offline.
+    config_dir: Path | None
+
+    @property
+    def is_single_file(self) -> bool:
+        return self.source in ("safetensors", "ckpt")
+
+
+# --------------------------------------------------------------------------- resolution
+
+SOURCES = ("hub", "safetensors", "ckpt")
+HUB_SCHEME = "hub:"
+_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_UNET_CONTEXT = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+#: Original single files of third-party releases recognised by shape: (UNet width, context).
+_KNOWN_SHAPES = {(320, 768): "sd15"}
+# Files of a hub folder worth fetching (weights of the diffusers layout, configs, tokenizer).
+_HUB_IGNORE = ["*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.ot", "*.ckpt", "*.pb"]
+
+
+def resolve(reference: str, source: str) -> ResolvedModel:
+    """Resolve a scenario's ``model`` reference in the format ``source`` to local files.
+
+    Raises :class:`~harness.errors.UserError` for every reference that cannot be used: a
+    missing file, an unknown zoo name, a hub repository that is missing, gated or not cached
+    offline, a file of an unrecognised architecture, or a ``source`` that does not fit.
+    """
+    if source not in SOURCES:
+        raise UserError(f"source {source!r}: expected one of {', '.join(SOURCES)}")
+    if reference.startswith(HUB_SCHEME):
+        return _resolve_hub(reference, source)
+    if reference in SPECS:
+        return _resolve_zoo(reference, source)
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return _resolve_folder(reference, path, source)
+    if path.is_file():
+        return _resolve_file(reference, path, source)
+    if single_file_format(path) is not None or "/" in reference or os.sep in reference:
+        raise UserError(f"model {reference!r}: no such file")
+    raise UserError(
+        f"model {reference!r}: neither a zoo model ({', '.join(SPECS)}), an existing path, "
+        f"nor {HUB_SCHEME}ORG/NAME"
+    )
+
+
+def _resolve_zoo(name: str, source: str) -> ResolvedModel:
+    path = materialize(name, source)
+    return ResolvedModel(name, source, path, name, config_folder(name))
+
+
+def _resolve_folder(reference: str, path: Path, source: str) -> ResolvedModel:
+    if source != "hub":
+        raise UserError(
+            f"model {reference!r}: is a folder, but source is {source!r}; expected a "
+            f".{source} file or source 'hub'"
+        )
+    if not (path / "model_index.json").is_file():
+        raise UserError(
+            f"model {reference!r}: folder has no model_index.json; expected a diffusers hub folder"
+        )
+    return ResolvedModel(reference, "hub", path, _spec_of_folder(path), path)
+
+
+def _resolve_file(reference: str, path: Path, source: str) -> ResolvedModel:
+    fmt = single_file_format(path)
+    if fmt is None:
+        raise UserError(
+            f"model {reference!r}: expected a .safetensors or .ckpt file or a hub folder"
+        )
+    if fmt != source:
+        raise UserError(f"model {reference!r}: is a .{fmt} file, but source is {source!r}")
+    spec = single_file_spec(path)
+    return ResolvedModel(reference, fmt, path, spec.name, config_folder(spec))
+
+
+def single_file_spec(path: Path) -> ModelSpec:
+    """The architecture of an original-layout single file: its stored spec, else by shapes."""
+    try:
+        stored = read_spec_metadata(path)
+    except Exception as error:  # a corrupt or foreign file: say which and why
+        raise UserError(
+            f"model '{path}': cannot be read ({type(error).__name__}: {error})"
+        ) from None
+    if stored is not None:
+        return ModelSpec.from_dict(stored)
+    shapes = read_shapes(path)
+    key = (shapes.get(_UNET_IN, (0,))[0], (shapes.get(_UNET_CONTEXT) or (0, 0))[-1])
+    if key not in _KNOWN_SHAPES:
+        raise UserError(
+            f"model '{path}': unrecognised architecture (UNet width {key[0]}, context {key[1]}); "
+            "expected an SD 1.x original checkpoint (UNet width 320, context 768)"
+        )
+    return get_spec(_KNOWN_SHAPES[key])
+
+
+def _spec_of_folder(path: Path) -> str | None:
+    """The zoo architecture a hub folder has (by its UNet config), or ``None``."""
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("block_out_channels", "cross_attention_dim", "layers_per_block", "in_channels")
+    for name, spec in SPECS.items():
+        if all(unet.get(key) == spec.unet.get(key) for key in keys):
+            return name
+    return None
+
+
+# --------------------------------------------------------------------------- hub ids
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return value in ("1", "true", "yes", "on") or bool(constants.HF_HUB_OFFLINE)
+
+
+def _parse_hub(reference: str) -> tuple[str, str | None]:
+    """``hub:ORG/NAME[/FILE]`` → (repo id, file name or ``None``)."""
+    parts = reference[len(HUB_SCHEME) :].strip("/").split("/", 2)
+    if len(parts) < 2 or not all(parts[:2]):
+        raise UserError(f"model {reference!r}: expected {HUB_SCHEME}ORG/NAME (or ORG/NAME/FILE)")
+    return f"{parts[0]}/{parts[1]}", (parts[2] if len(parts) == 3 else None)
+
+
+def _resolve_hub(reference: str, source: str) -> ResolvedModel:
+    repo_id, filename = _parse_hub(reference)
+    zoo_name = next((name for name, spec in SPECS.items() if spec.repo_id == repo_id), None)
+    offline = _hub_offline()
+    if zoo_name is not None:
+        install_in_hf_cache(zoo_name, formats=(source,))
+        offline = True  # the zoo's repos exist only in the local cache
+    with _hub_errors(reference, offline):
+        if source == "hub":
+            path = _download_folder(repo_id, offline)
+        else:
+            path = _download_single_file(reference, repo_id, source, filename, offline)
+    if source == "hub":
+        resolved = _resolve_folder(reference, path, "hub")
+        spec_name = zoo_name or resolved.spec_name
+        config_dir = config_folder(zoo_name) if zoo_name else path
+        return ResolvedModel(reference, "hub", path, spec_name, config_dir)
+    spec = single_file_spec(path)
+    return ResolvedModel(reference, source, path, spec.name, config_folder(spec))
+
+
+def _download_folder(repo_id: str, offline: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        repo_id, cache_dir=hf_cache_dir(), local_files_only=offline, ignore_patterns=_HUB_IGNORE
+    )
+    return Path(folder)
+
+
+def _download_single_file(
+    reference: str, repo_id: str, fmt: str, filename: str | None, offline: bool
+) -> Path:
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    if filename is None:
+        if offline:
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    cache_dir=hf_cache_dir(),
+                    local_files_only=True,
+                    allow_patterns=[f"*.{fmt}"],
+                )
+            )
+            names = sorted(p.name for p in folder.glob(f"*.{fmt}"))
+        else:
+            names = sorted(
+                f
+                for f in HfApi().list_repo_files(repo_id)
+                if "/" not in f and f.endswith(f".{fmt}")
+            )
+        if len(names) != 1:
+            found = ", ".join(names) if names else "none"
+            raise UserError(
+                f"model {reference!r}: expected one .{fmt} file at the repo root, found {found}; "
+                f"name it as {HUB_SCHEME}{repo_id}/FILE"
+            )
+        filename = names[0]
+    local = hf_hub_download(repo_id, filename, cache_dir=hf_cache_dir(), local_files_only=offline)
+    return Path(local)
+
+
+@contextmanager
+def _hub_errors(reference: str, offline: bool) -> Iterator[None]:
+    """Turn huggingface_hub's errors into one-line :class:`UserError` messages."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        yield
+    except GatedRepoError:
+        raise UserError(
+            f"model {reference!r}: the repository is gated; accept its terms on huggingface.co "
+            "and log in (HF_TOKEN or `hf auth login`) with an account that has access"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"model {reference!r}: repository not found on the Hugging Face hub (or private and "
+            "no token with access); expected an existing ORG/NAME"
+        ) from None
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise UserError(
+            f"model {reference!r}: not in the local Hugging Face cache and {why}; "
+            "expected a cached snapshot (download it once with network access)"
+        ) from None
+    except EntryNotFoundError:
+        raise UserError(f"model {reference!r}: file not found in the repository") from None
+    except (OSError, *_connection_errors()) as error:
+        raise UserError(
+            f"model {reference!r}: cannot reach the Hugging Face hub ({type(error).__name__}); "
+            f"set HF_HUB_OFFLINE=1 to use the local cache"
+        ) from None
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Transport errors of the HTTP client huggingface_hub uses (``httpx2`` or ``httpx``)."""
+    errors: list[type[BaseException]] = []
+    for module_name in ("httpx2", "httpx"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        errors.append(module.TransportError)
+    return tuple(errors)

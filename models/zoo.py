@@ -1,0 +1,242 @@
+"""The on-disk zoo: synthesised models cached per spec fingerprint, in every load format.
+
+A zoo model lives under ``<cache_root()>/zoo/<name>-<spec fingerprint>/``, so changing a
+spec (or :data:`~models.specs.ZOO_FORMAT_VERSION`) invalidates it. In that folder:
+
+- ``hub/``: the diffusers folder layout;
+- ``<name>.safetensors`` / ``<name>.ckpt``: the original single-file layout;
+- ``config/``: configs and tokenizer only, no weights (for ``from_single_file(config=...)``).
+
+Every entry is written to a temporary name in the same folder and renamed into place, so a
+run killed mid-write leaves no half model behind. :func:`install_in_hf_cache` additionally
+places a model in a local Hugging Face hub cache as ``spec.repo_id`` so hub resolution runs
+offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+from .convert import write_config_folder, write_hub_folder, write_single_file
+from .specs import SPECS, ModelSpec
+from .synth import empty_components, parameter_counts, synthesize
+
+FORMATS = ("hub", "safetensors", "ckpt")
+
+
+def cache_root() -> Path:
+    """``$SDBENCH_CACHE`` or ``~/.cache/sdbench`` (read on every call)."""
+    root = os.environ.get("SDBENCH_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "sdbench"
+
+
+def zoo_spec(name: str) -> ModelSpec:
+    """The spec of zoo model ``name``; a :class:`UserError` names the known ones."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown zoo model {name!r}; expected one of: {', '.join(SPECS)}"
+        ) from None
+
+
+def model_dir(name: str) -> Path:
+    """The cache folder of zoo model ``name`` at its current spec fingerprint."""
+    spec = zoo_spec(name)
+    return cache_root() / "zoo" / f"{name}-{spec.fingerprint()}"
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown model format {fmt!r}; expected one of: {', '.join(FORMATS)}")
+
+
+def _entry_name(name: str, fmt: str) -> str:
+    return "hub" if fmt == "hub" else f"{name}.{fmt}"
+
+
+def _atomic_create(target: Path, build: Callable[[Path], Any]) -> Path:
+    """Run ``build(tmp)`` on a temporary path next to ``target``, then rename it into place.
+
+    If another process created ``target`` meanwhile, its result is kept and ours discarded.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        temporary = staging / target.name
+        build(temporary)
+        try:
+            os.rename(temporary, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cached_formats(name: str) -> list[str]:
+    """The formats of zoo model ``name`` already in the cache."""
+    folder = model_dir(name)
+    return [fmt for fmt in FORMATS if (folder / _entry_name(name, fmt)).exists()]
+
+
+def materialize(name: str, fmt: str = "hub") -> Path:
+    """The cached path of zoo model ``name`` in format ``fmt`` (hub | safetensors | ckpt).
+
+    Synthesises and writes it on first use; later calls return the cached path untouched.
+    """
+    _check_format(fmt)
+    spec = zoo_spec(name)
+    target = model_dir(name) / _entry_name(name, fmt)
+    if target.exists():
+        return target
+
+    def build(path: Path) -> None:
+        components = synthesize(spec)
+        if fmt == "hub":
+            write_hub_folder(spec, components, path)
+        else:
+            write_single_file(spec, components, path)
+
+    return _atomic_create(target, build)
+
+
+def config_folder(spec_name: str | ModelSpec) -> Path:
+    """A cached hub-layout folder with configs and tokenizer of a spec, no weights.
+
+    ``spec_name`` is a zoo name or a :class:`ModelSpec` (e.g. one read from a file's
+    metadata, which may predate the current zoo spec of that name).
+    """
+    spec = zoo_spec(spec_name) if isinstance(spec_name, str) else spec_name
+    target = cache_root() / "zoo" / f"{spec.name}-{spec.fingerprint()}" / "config"
+    if target.exists():
+        return target
+    return _atomic_create(target, lambda path: write_config_folder(spec, path))
+
+
+def write_model(name: str, fmt: str, out: Path) -> Path:
+    """Write zoo model ``name`` in format ``fmt`` to the user path ``out``; returns the path.
+
+    For ``hub``, ``out`` is the folder to create (it must not exist or be empty). For a single
+    file, ``out`` is the file (suffix ``.safetensors`` / ``.ckpt`` as ``fmt``) or an existing
+    folder, in which ``<name>.<fmt>`` is written.
+    """
+    _check_format(fmt)
+    source = materialize(name, fmt)
+    out = Path(out).expanduser()
+    if fmt == "hub":
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(
+                f"output '{out}': exists and is not an empty folder; expected a new folder"
+            )
+        shutil.copytree(source, out, dirs_exist_ok=True)
+        return out
+    if out.is_dir():
+        out = out / source.name
+    elif out.suffix.lower() != f".{fmt}":
+        raise UserError(f"output '{out}': expected a folder or a file name ending in .{fmt}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, out)
+    return out
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One record per zoo model: name, description, parameter counts, fingerprint, cache."""
+    records = []
+    for name, spec in SPECS.items():
+        counts = parameter_counts(empty_components(spec))
+        records.append(
+            {
+                "name": name,
+                "description": spec.description,
+                "parameters": counts,
+                "total_parameters": sum(counts.values()),
+                "fingerprint": spec.fingerprint(),
+                "repo_id": spec.repo_id,
+                "cached_formats": cached_formats(name),
+            }
+        )
+    return records
+
+
+# --------------------------------------------------------------------------- HF hub cache
+
+
+def hf_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$HF_HUB_CACHE`` (read now), else huggingface_hub's default."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE).expanduser()
+
+
+def _commit_hash(spec: ModelSpec) -> str:
+    """A stable 40-hex 'commit' of the zoo model (changes with the spec fingerprint)."""
+    return hashlib.sha1(f"sdbench-zoo/{spec.repo_id}/{spec.fingerprint()}".encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _place_blob(source: Path, blobs: Path, link: Path) -> None:
+    """Store ``source`` as a content-addressed blob and point the snapshot ``link`` at it."""
+    blob = blobs / _file_sha256(source)
+    if not blob.exists():
+        temporary = blobs / f".{blob.name}.incomplete"
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, blob)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        return
+    try:
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    except OSError:
+        shutil.copyfile(blob, link)
+
+
+def install_in_hf_cache(
+    name: str, cache_dir: str | Path | None = None, formats: Iterable[str] = ("hub",)
+) -> str:
+    """Place zoo model ``name`` in a local Hugging Face hub cache as ``spec.repo_id``.
+
+    Uses the standard ``models--org--name/{blobs,snapshots/<commit>,refs/main}`` layout, so
+    ``snapshot_download(repo_id, local_files_only=True)`` and
+    ``DiffusionPipeline.from_pretrained(repo_id, local_files_only=True)`` resolve it offline.
+    ``formats`` picks what the repo holds: ``hub`` (the diffusers folders at the root) and/or
+    the single files ``<name>.safetensors`` / ``<name>.ckpt`` at the repo root. Installing
+    again adds missing files only. Returns the repo id.
+    """
+    spec = zoo_spec(name)
+    repo = hf_cache_dir(cache_dir) / ("models--" + spec.repo_id.replace("/", "--"))
+    commit = _commit_hash(spec)
+    snapshot = repo / "snapshots" / commit
+    blobs = repo / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for fmt in formats:
+        _check_format(fmt)
+        source = materialize(name, fmt)
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for file in files:
+            relative = file.relative_to(source) if source.is_dir() else Path(file.name)
+            _place_blob(file, blobs, snapshot / relative)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return spec.repo_id
