@@ -47,7 +47,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from reports import render
 
     frame = load(args.results)
-    text = render(frame, fmt=args.format)
+    baseline = load(args.baseline) if args.baseline else None
+    text = render(frame, fmt=args.format, baseline=baseline, image_root=args.results)
     if args.output is None or str(args.output) == "-":
         sys.stdout.write(text)
     else:
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", nargs="+", type=Path, metavar="DIR")
     report.add_argument("-o", "--output", type=Path, default=None, help="output file (- = stdout)")
     report.add_argument("--format", choices=("html", "md"), default="html")
+    report.add_argument(
+        "--baseline", nargs="+", type=Path, default=None, metavar="DIR",
+        help="baseline results: adds verdicts, deltas and charts against it",
+    )
     report.set_defaults(handler=_cmd_report)
 
     models = commands.add_parser("models", help="the model zoo")

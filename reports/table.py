@@ -1,0 +1,326 @@
+"""The table users want (DESIGN.md), computed from a results DataFrame.
+
+One table per scenario. A **row** is a pipeline: every axis of the cell fixed except the
+batch size. Its label is the backend, the offload mode when not ``none``, ``with SOURCE`` when
+the source is not the hub folder, and — in parentheses — every other field that varies between
+the scenario's rows (dtype, compile, attention, sampler, resolution, steps, model, …), so two
+rows never share a label and no row merges cells that differ in anything but the batch.
+
+The **columns** are it/s per batch size (one slot per batch size seen in the scenario) and
+memory: the largest ``cpu_peak_gb`` and ``gpu_allocated_peak_gb`` over the row's ok cells.
+A slot whose cell did not run ok carries its status instead of a figure.
+
+Only the newest record of each cell counts (:func:`latest_records`). Numbers stay unrounded
+here; :mod:`reports.formatting` rounds them for display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from reports.formatting import number
+from reports.verdicts import SPEED_METRIC, Verdict, VerdictIndex
+
+#: Fields that define a row (a pipeline). Every cell axis but ``batch``, plus the scenario
+#: settings and the environment, which may differ between records of one scenario when the
+#: results of several runs are merged. Listed in the order row labels mention them.
+ROW_FIELDS: tuple[str, ...] = (
+    "backend",
+    "offload",
+    "source",
+    "model",
+    "workflow",
+    "device",
+    "dtype",
+    "compile",
+    "fullgraph",
+    "attention",
+    "channels_last",
+    "sampler",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "seed",
+    "prompt",
+    "negative_prompt",
+    "repeats",
+    "warmup",
+    "env_fingerprint",
+)
+#: Preferred value order for row sorting; other fields sort by first appearance.
+_VALUE_ORDER: dict[str, tuple[Any, ...]] = {
+    "offload": ("none", "medvram", "lowvram"),
+    "source": ("hub", "safetensors", "ckpt"),
+}
+#: Fields sorted before the others, in this order (DESIGN.md's table: backend, source, offload).
+_SORT_FIRST: tuple[str, ...] = ("backend", "source", "offload")
+
+ITS_HEADER = "performance it/s"
+MEMORY_HEADER = "memory cpu/gpu (GB)"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One batch size of one row: a figure, a status, or nothing (no such cell)."""
+
+    batch: int
+    cell_id: str | None = None
+    status: str | None = None
+    its: float | None = None
+    reason: str | None = None
+    #: The baseline's it/s of the same cell, when a baseline is given.
+    baseline_its: float | None = None
+    #: ``compare``'s verdict for this cell's it/s, when verdicts are given.
+    verdict: Verdict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and self.its is not None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One pipeline."""
+
+    label: str
+    #: The values of :data:`ROW_FIELDS`, which identify the row.
+    key: tuple[Any, ...]
+    slots: tuple[Slot, ...]
+    cpu_gb: float | None
+    gpu_gb: float | None
+    baseline_cpu_gb: float | None = None
+    baseline_gpu_gb: float | None = None
+    #: Memory verdicts of the row's cells, most severe first.
+    memory_verdicts: tuple[Verdict, ...] = ()
+
+    @property
+    def cell_ids(self) -> tuple[str, ...]:
+        return tuple(slot.cell_id for slot in self.slots if slot.cell_id is not None)
+
+    @property
+    def memory_verdict(self) -> Verdict | None:
+        return self.memory_verdicts[0] if self.memory_verdicts else None
+
+
+@dataclass(frozen=True)
+class Table:
+    """The table of one scenario."""
+
+    scenario: str
+    batches: tuple[int, ...]
+    rows: tuple[Row, ...]
+
+    @property
+    def its_header(self) -> str:
+        """``performance it/s (batch 1 / 2 / 4 / 8 / 16)``."""
+        return f"{ITS_HEADER} (batch {' / '.join(str(b) for b in self.batches)})"
+
+    @property
+    def memory_header(self) -> str:
+        return MEMORY_HEADER
+
+
+def latest_records(frame: pd.DataFrame) -> pd.DataFrame:
+    """The newest record of each cell (by scenario and cell id).
+
+    Records are ordered by timestamp (stable, so file order breaks ties) before the last one
+    of each cell is kept; this makes merging several results directories order-independent.
+    """
+    if frame.empty:
+        return frame
+    ordered = frame
+    if "timestamp" in frame.columns:
+        ordered = frame.sort_values("timestamp", kind="stable", na_position="first")
+    return ordered.drop_duplicates(subset=["scenario", "cell_id"], keep="last").reset_index(
+        drop=True
+    )
+
+
+def _value(record: dict[str, Any], field: str) -> Any:
+    value = record.get(field)
+    if isinstance(value, float) and value != value:  # NaN
+        return None
+    return value
+
+
+def _row_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(_value(record, field) for field in ROW_FIELDS)
+
+
+def _varying(keys: Sequence[tuple[Any, ...]]) -> set[str]:
+    return {
+        field
+        for index, field in enumerate(ROW_FIELDS)
+        if len({repr(key[index]) for key in keys}) > 1
+    }
+
+
+def _ordinal(values: list[Any], value: Any) -> int:
+    return values.index(value) + 1
+
+
+def _label(key: tuple[Any, ...], varying: set[str], distinct: dict[str, list[Any]]) -> str:
+    """``diffusers medvram with safetensors (fp16, 30 steps)``.
+
+    Every varying field appears spelled with its value (defaults included), so labels of
+    different keys always differ.
+    """
+    values = dict(zip(ROW_FIELDS, key, strict=True))
+    words = [str(values["backend"])]
+    if values["offload"] not in (None, "none"):
+        words.append(str(values["offload"]))
+    if values["source"] not in (None, "hub"):
+        words.append(f"with {values['source']}")
+    extras: list[str] = []
+    if {"width", "height"} & varying:
+        extras.append(f"{values['width']}x{values['height']}")
+    for field in ROW_FIELDS:
+        if field not in varying or field in ("backend", "offload", "source", "width", "height"):
+            continue
+        value = values[field]
+        if field == "compile":
+            extras.append("eager" if value == "none" else f"compile {value}")
+        elif field == "fullgraph":
+            extras.append("fullgraph" if value else "graph breaks")
+        elif field == "channels_last":
+            extras.append("channels-last" if value else "contiguous")
+        elif field == "attention":
+            extras.append(f"{value} attention")
+        elif field == "steps":
+            extras.append(f"{value} steps")
+        elif field == "guidance":
+            extras.append(f"cfg {value:g}" if number(value) is not None else f"cfg {value}")
+        elif field == "seed":
+            extras.append(f"seed {value}")
+        elif field in ("repeats", "warmup"):
+            extras.append(f"{field} {value}")
+        elif field in ("prompt", "negative_prompt"):
+            extras.append(f"{field.replace('_', ' ')} #{_ordinal(distinct[field], value)}")
+        elif field == "env_fingerprint":
+            extras.append(f"env {str(value)[:8]}")
+        else:
+            extras.append(str(value))
+    return " ".join(words) + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _sort_key(key: tuple[Any, ...], first_seen: dict[str, list[Any]]) -> tuple[int, ...]:
+    values = dict(zip(ROW_FIELDS, key, strict=True))
+
+    def rank(field: str) -> int:
+        preferred = _VALUE_ORDER.get(field, ())
+        value = values[field]
+        if value in preferred:
+            return preferred.index(value)
+        return len(preferred) + first_seen[field].index(value)
+
+    order = (*_SORT_FIRST, *(f for f in ROW_FIELDS if f not in _SORT_FIRST))
+    return tuple(rank(field) for field in order)
+
+
+def _max(values: list[Any]) -> float | None:
+    numbers = [v for v in (number(value) for value in values) if v is not None]
+    return max(numbers) if numbers else None
+
+
+def _baseline_index(baseline: pd.DataFrame | None) -> dict[tuple[str, str], dict[str, Any]]:
+    if baseline is None or baseline.empty:
+        return {}
+    records = latest_records(baseline).to_dict(orient="records")
+    return {(str(r["scenario"]), str(r["cell_id"])): r for r in records}
+
+
+def build_tables(
+    frame: pd.DataFrame,
+    *,
+    baseline: pd.DataFrame | None = None,
+    verdicts: VerdictIndex | None = None,
+) -> list[Table]:
+    """One :class:`Table` per scenario, in order of first appearance.
+
+    ``baseline`` adds each slot's baseline it/s and each row's baseline memory (matched by
+    scenario and cell id); ``verdicts`` attaches ``compare``'s verdicts to slots and rows.
+    """
+    if frame.empty:
+        return []
+    records = latest_records(frame).to_dict(orient="records")
+    base = _baseline_index(baseline)
+    scenarios = list(dict.fromkeys(str(r["scenario"]) for r in records))
+    return [
+        _build_table(scenario, [r for r in records if str(r["scenario"]) == scenario],
+                     base, verdicts)
+        for scenario in scenarios
+    ]
+
+
+def _build_table(
+    scenario: str,
+    records: list[dict[str, Any]],
+    base: dict[tuple[str, str], dict[str, Any]],
+    verdicts: VerdictIndex | None,
+) -> Table:
+    batches = tuple(sorted({int(r["batch"]) for r in records}))
+    groups: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
+    for record in records:  # in timestamp order: a later record of the same slot wins
+        groups.setdefault(_row_key(record), {})[int(record["batch"])] = record
+
+    keys = list(groups)
+    varying = _varying(keys)
+    first_seen = {
+        field: list(dict.fromkeys(key[index] for key in keys))
+        for index, field in enumerate(ROW_FIELDS)
+    }
+    rows: list[Row] = []
+    for key in sorted(keys, key=lambda k: _sort_key(k, first_seen)):
+        by_batch = groups[key]
+        slots = tuple(_slot(scenario, batch, by_batch.get(batch), base, verdicts)
+                      for batch in batches)
+        cells = list(by_batch.values())
+        ok_cells = [c for c in cells if c.get("status") == "ok"]
+        base_cells = [base[(scenario, str(c["cell_id"]))] for c in cells
+                      if (scenario, str(c["cell_id"])) in base]
+        base_ok = [c for c in base_cells if c.get("status") == "ok"]
+        cell_ids = [str(c["cell_id"]) for c in cells]
+        rows.append(
+            Row(
+                label=_label(key, varying, first_seen),
+                key=key,
+                slots=slots,
+                cpu_gb=_max([c.get("cpu_peak_gb") for c in ok_cells]),
+                gpu_gb=_max([c.get("gpu_allocated_peak_gb") for c in ok_cells]),
+                baseline_cpu_gb=_max([c.get("cpu_peak_gb") for c in base_ok]),
+                baseline_gpu_gb=_max([c.get("gpu_allocated_peak_gb") for c in base_ok]),
+                memory_verdicts=verdicts.memory(scenario, cell_ids) if verdicts else (),
+            )
+        )
+    return Table(scenario=scenario, batches=batches, rows=tuple(rows))
+
+
+def _slot(
+    scenario: str,
+    batch: int,
+    record: dict[str, Any] | None,
+    base: dict[tuple[str, str], dict[str, Any]],
+    verdicts: VerdictIndex | None,
+) -> Slot:
+    if record is None:
+        return Slot(batch=batch)
+    cell_id = str(record["cell_id"])
+    status = str(record.get("status"))
+    baseline = base.get((scenario, cell_id))
+    baseline_its = (
+        number(baseline.get("its")) if baseline and baseline.get("status") == "ok" else None
+    )
+    return Slot(
+        batch=batch,
+        cell_id=cell_id,
+        status=status,
+        its=number(record.get("its")) if status == "ok" else None,
+        reason=_value(record, "reason"),
+        baseline_its=baseline_its,
+        verdict=verdicts.get(scenario, cell_id, SPEED_METRIC) if verdicts else None,
+    )
