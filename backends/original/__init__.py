@@ -1,0 +1,11 @@
+"""The original backend: the CompVis/LDM architecture with k-diffusion style samplers.
+
+Modules, one concept each: :mod:`.unet`, :mod:`.vae`, :mod:`.text` (CLIP conditioning with
+75-token chunks), :mod:`.ldm` (the whole model), :mod:`.checkpoint` (single-file loading),
+:mod:`.denoiser` (eps model -> denoiser, CFG), :mod:`.samplers`, :mod:`.memory`
+(medvram / lowvram), :mod:`.attention` and :mod:`.backend` (the harness adapter).
+"""
+
+from backends.original.backend import OriginalBackend, OriginalSession
+
+__all__ = ["OriginalBackend", "OriginalSession"]

@@ -1,0 +1,109 @@
+"""The eps-prediction UNet as a denoiser over sigmas (k-diffusion's ``external.py``), with CFG.
+
+SD 1.x is a discrete-time VP model: timestep ``t`` in ``0..999`` has noise level
+``sigma(t) = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])``. k-diffusion samples in the
+variance-exploding variable ``x = x_vp * sqrt(1 + sigma^2)`` and asks a *denoiser*
+``D(x, sigma)`` for the clean latent:
+
+    D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma))
+
+where ``t(sigma)`` inverts ``sigma(t)`` by interpolating ``log sigma`` between the two
+neighbouring timesteps (fractional ``t``; :meth:`DiscreteEpsDenoiser.sigma_to_t`).
+:class:`CFGDenoiser` runs cond and uncond in one batch and mixes the two denoised latents,
+``uncond + guidance * (cond - uncond)``, as A1111's ``CFGDenoiser`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def append_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros([1])])
+
+
+class DiscreteEpsDenoiser(nn.Module):
+    """k-diffusion's ``CompVisDenoiser``: eps model + discrete schedule -> ``D(x, sigma)``.
+
+    ``eps_model(x_in, t, context)`` is the UNet; ``x`` and the result stay float32 (the
+    sampler's precision) while the UNet runs in its own dtype.
+    """
+
+    def __init__(self, eps_model: EpsModel, alphas_cumprod: torch.Tensor) -> None:
+        super().__init__()
+        self.eps_model = eps_model
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().to(torch.float32)
+        self.register_buffer("sigmas", sigmas, persistent=False)
+        self.register_buffer("log_sigmas", sigmas.log(), persistent=False)
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def get_sigmas(self, n: int) -> torch.Tensor:
+        """A1111's default ("automatic") schedule: ``n`` sigmas at timesteps evenly spaced from
+        the last to 0 (``t`` fractional, log-sigma interpolated), then a final 0."""
+        t = torch.linspace(len(self.sigmas) - 1, 0, n, device=self.sigmas.device)
+        return append_zero(self.t_to_sigma(t))
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        log_sigma = sigma.log()
+        dists = log_sigma - self.log_sigmas[:, None]
+        low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.log_sigmas.shape[0] - 2)
+        high_idx = low_idx + 1
+        low, high = self.log_sigmas[low_idx], self.log_sigmas[high_idx]
+        w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+        t = (1 - w) * low_idx + w * high_idx
+        return t.view(sigma.shape)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.float()
+        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
+        log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
+        return log_sigma.exp()
+
+    def get_eps(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction at noise level ``sigma`` (VE ``x``)."""
+        c_in = (1.0 / (sigma**2 + 1.0) ** 0.5)[:, None, None, None]
+        return self.eps_model(x * c_in, self.sigma_to_t(sigma), context).float()
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return x - self.get_eps(x, sigma, context) * sigma[:, None, None, None]
+
+
+class CFGDenoiser(nn.Module):
+    """Classifier-free guidance around a denoiser; the samplers call ``model(x, sigma, **extra)``
+    with ``extra = {"cond": ..., "uncond": ..., "cond_scale": ...}``.
+
+    With ``cond_scale == 1`` (or no ``uncond``) only the conditional pass runs, as diffusers
+    does for ``guidance_scale <= 1``.
+    """
+
+    def __init__(self, inner: DiscreteEpsDenoiser) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        cond_scale: float = 1.0,
+    ) -> torch.Tensor:
+        if uncond is None or cond_scale <= 1.0:
+            return self.inner(x, sigma, cond)
+        x_in = torch.cat([x, x])
+        sigma_in = torch.cat([sigma, sigma])
+        denoised = self.inner(x_in, sigma_in, torch.cat([cond, uncond]))
+        cond_out, uncond_out = denoised.chunk(2)
+        return uncond_out + (cond_out - uncond_out) * cond_scale

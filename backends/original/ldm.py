@@ -1,0 +1,89 @@
+"""The whole latent diffusion model: LDM's ``LatentDiffusion`` reduced to what inference needs.
+
+Its ``state_dict()`` keys are the original single-file keys: ``model.diffusion_model.*`` (the
+UNet inside LDM's ``DiffusionWrapper``), ``first_stage_model.*`` (the autoencoder) and
+``cond_stage_model.transformer.*`` (the CLIP text model; see :func:`checkpoint_key` for the
+``text_model.`` prefix). The DDPM schedule buffers of the original (``betas``,
+``alphas_cumprod``, ...) are not parameters here: :attr:`LatentDiffusion.alphas_cumprod` is
+read from the checkpoint when present, else derived from the linear betas of the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from backends.original.text import FrozenCLIPEmbedder
+from backends.original.unet import UNetConfig, UNetModel
+from backends.original.vae import AutoencoderConfig, AutoencoderKL
+
+
+def linear_alphas_cumprod(linear_start: float, linear_end: float, timesteps: int) -> torch.Tensor:
+    """LDM's ``make_beta_schedule("linear")``: betas linear in sqrt space, float64, cumprod."""
+    betas = torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+
+class DiffusionWrapper(nn.Module):
+    """``model``: holds the UNet as ``diffusion_model`` (the original's nesting)."""
+
+    def __init__(self, diffusion_model: UNetModel) -> None:
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+
+class LatentDiffusion(nn.Module):
+    """UNet + autoencoder + text conditioning of an SD 1.x model, with its noise schedule."""
+
+    def __init__(
+        self,
+        unet: UNetModel,
+        first_stage: AutoencoderKL,
+        cond_stage: FrozenCLIPEmbedder,
+        scale_factor: float,
+        alphas_cumprod: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        self.model = DiffusionWrapper(unet)
+        self.first_stage_model = first_stage
+        self.cond_stage_model = cond_stage
+        self.scale_factor = float(scale_factor)
+        #: float32, CPU, ``[num_train_timesteps]``; not part of the state dict.
+        self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float32)
+
+    @classmethod
+    def from_ldm_config(
+        cls, ldm: dict[str, Any], cond_stage: FrozenCLIPEmbedder
+    ) -> LatentDiffusion:
+        """Modules with uninitialised-but-valid weights (call :meth:`load_state_dict` next)."""
+        return cls(
+            UNetModel(UNetConfig.from_ldm(ldm["unet"])),
+            AutoencoderKL(AutoencoderConfig.from_ldm(ldm["first_stage"])),
+            cond_stage,
+            scale_factor=ldm["scale_factor"],
+            alphas_cumprod=linear_alphas_cumprod(
+                ldm["linear_start"], ldm["linear_end"], ldm["timesteps"]
+            ),
+        )
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def latent_channels(self) -> int:
+        return self.first_stage_model.config.embed_dim
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.first_stage_model.config.ch_mult) - 1))
+
+    def encode_first_stage(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in ``[-1, 1]`` -> diffusion latents (scaled by ``scale_factor``)."""
+        return self.first_stage_model.encode(images) * self.scale_factor
+
+    def decode_first_stage(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents -> images, roughly in ``[-1, 1]``."""
+        return self.first_stage_model.decode(latents / self.scale_factor)
