@@ -47,7 +47,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from reports import render
 
     frame = load(args.results)
-    baseline = load(args.baseline) if args.baseline else None
+    baseline = None
+    if args.baseline is not None:
+        from harness import baseline as baselines
+
+        baseline = load(baselines.resolve(args.baseline, baselines.fingerprint_of(frame)))
     text = render(frame, fmt=args.format, baseline=baseline, image_root=args.results)
     if args.output is None or str(args.output) == "-":
         sys.stdout.write(text)
@@ -98,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", type=Path, default=None, help="output file (- = stdout)")
     report.add_argument("--format", choices=("html", "md"), default="html")
     report.add_argument(
-        "--baseline", nargs="+", type=Path, default=None, metavar="DIR",
-        help="baseline results: adds verdicts, deltas and charts against it",
+        "--baseline", type=Path, default=None, metavar="PATH",
+        help="baseline (results dir, .jsonl or baselines root): adds verdicts, deltas, charts",
     )
     report.set_defaults(handler=_cmd_report)
 
@@ -120,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
     """Sub-commands that live beside the code they drive (compare, baseline)."""
-    return []
+    from harness import baseline, compare
+
+    return [compare.register, baseline.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
