@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -45,8 +46,48 @@ class Request:
     #: Initial latents ~ N(0, 1), float32 on the CPU, shape :meth:`Session.latent_shape`.
     #: Backends scale it by their first sigma (or ``init_noise_sigma``) themselves.
     noise: torch.Tensor
+    #: txt2img | img2img | inpaint | hires. The harness turns outpaint into inpaint on an
+    #: enlarged canvas (``width``/``height`` are then the canvas size).
     workflow: str = "txt2img"
+    #: img2img / inpaint input, float32 ``[height, width, 3]`` in ``[0, 1]``.
+    init_image: np.ndarray | None = None
+    #: inpaint mask, float32 ``[height, width]`` in ``[0, 1]``; 1 = repaint, 0 = keep.
+    mask: np.ndarray | None = None
+    #: img2img / inpaint denoising strength, and the strength of the hires second pass.
+    strength: float = 0.75
+    hires_scale: float = 2.0
+    #: ``latent`` (interpolate latents) or ``image`` (decode, resize, encode).
+    hires_upscaler: str = "latent"
+    #: N(0, 1) noise of the upscaled latent shape for the hires second pass.
+    hires_noise: torch.Tensor | None = None
+    loras: tuple[LoraRef, ...] = ()
+    embeddings: tuple[EmbeddingRef, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.noise.shape)
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA file (kohya / A1111 layout) applied at ``strength``."""
+
+    path: Path
+    strength: float
+
+
+@dataclass(frozen=True)
+class EmbeddingRef:
+    """A textual-inversion embedding whose trigger word is ``token``.
+
+    Either ``path`` (an A1111 ``.pt`` / ``.safetensors`` file, loaded by the backend's own
+    loader) or ``vectors`` (``[n_vectors, hidden]``, the same vectors put in by hand).
+    """
+
+    token: str
+    path: Path | None = None
+    vectors: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +121,11 @@ class Session(ABC):
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         """Run one whole generation: encode prompt, denoise, decode."""
 
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """VAE-encode ``image`` (``[H, W, 3]`` in [0, 1]) with the posterior's mode, times the
+        scale factor: the init latents of img2img / inpaint. Used by conformance checks."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its VAE encoder")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the session holds (device memory first)."""
 
@@ -88,6 +134,9 @@ class Backend(ABC):
     """A generation backend."""
 
     name: ClassVar[str]
+    #: Whether prompts longer than 75 tokens keep their tail (A1111-style chunking) or are
+    #: truncated to the text encoder's 77 positions; a conformance check verifies the claim.
+    long_prompts: ClassVar[bool] = False
 
     def unsupported(self, cell: Cell, device: torch.device) -> str | None:
         """Why this backend cannot run ``cell`` on ``device`` here, or None if it can.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from harness.scenario import AXES, Scenario
@@ -50,6 +51,14 @@ _ID_ORDER: tuple[str, ...] = (
     "guidance",
     "seed",
     "batch",
+    "strength",
+    "init_image",
+    "mask",
+    "outpaint_px",
+    "hires_scale",
+    "hires_upscaler",
+    "lora",
+    "embedding",
 )
 
 
@@ -72,6 +81,16 @@ def _id_part(axis: str, value: Any) -> str:
         return "channels-last" if value else "contiguous"
     if axis == "offload" and value == "none":
         return "nooffload"
+    if axis == "strength":
+        return f"str{value:g}"
+    if axis == "outpaint_px":
+        return f"pad{value}"
+    if axis == "hires_scale":
+        return f"x{value:g}"
+    if axis in ("lora", "embedding"):
+        return "no" + axis if value == "none" else f"{axis}-" + value.replace("zoo:", "")
+    if axis in ("init_image", "mask"):
+        return f"{axis.replace('_image', '')}-{Path(value).stem}"
     return str(value).replace("/", "_").replace(":", "_")
 
 
@@ -101,11 +120,20 @@ class Cell:
     guidance: float
     seed: int
     batch: int
+    strength: float
+    init_image: str
+    mask: str
+    outpaint_px: int
+    hires_scale: float
+    hires_upscaler: str
+    lora: str
+    embedding: str
     prompt: str
     negative_prompt: str
     repeats: int
     warmup: int
     timeout_s: float | None
+    checks: tuple[str, ...] = ()
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -126,7 +154,22 @@ class Cell:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cell:
         names = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
+        values = {key: value for key, value in data.items() if key in names}
+        values["checks"] = tuple(values.get("checks", ()))
+        return cls(**values)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images the cell produces."""
+        if self.workflow == "outpaint":
+            return (self.width + 2 * self.outpaint_px, self.height + 2 * self.outpaint_px)
+        if self.workflow == "hires":
+            return (_round8(self.width * self.hires_scale), _round8(self.height * self.hires_scale))
+        return (self.width, self.height)
+
+
+def _round8(value: float) -> int:
+    return int(round(value / 8)) * 8
 
 
 def _matches(combo: dict[str, Any], entry: dict[str, Any]) -> bool:
@@ -174,6 +217,7 @@ def expand(scenario: Scenario) -> list[Cell]:
                 repeats=scenario.repeats,
                 warmup=scenario.warmup,
                 timeout_s=scenario.timeout_s,
+                checks=tuple(scenario.checks),
                 **combo,
             )
         )

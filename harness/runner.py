@@ -9,6 +9,7 @@ out-of-memory error, a timeout — becomes that cell's status, and the run goes 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import time
@@ -25,15 +26,16 @@ from tqdm import tqdm
 
 from backends import get_backend
 from backends.base import Output, Request, Session
-from harness import environment
+from harness import environment, inputs
+from harness.conformance import CheckContext, ParityTracker, run_checks
 from harness.errors import UnsupportedError, UserError
 from harness.matrix import Cell, group_by_load
 from harness.measure import (
     CellTimeout,
     GenerationTimer,
+    Measurement,
     MemoryMonitor,
     MemoryPeaks,
-    Measurement,
     Timing,
 )
 from harness.results import Result, ResultStore
@@ -68,26 +70,58 @@ def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def request_for(cell: Cell, session: Session) -> Request:
-    shape = session.latent_shape(cell.batch, cell.width, cell.height)
+    """The backend-neutral request of a cell: prompts, noise and workflow inputs."""
+    width, height = cell.width, cell.height
+    workflow = cell.workflow
+    init_image = mask = hires_noise = None
+    if workflow in ("img2img", "inpaint", "outpaint"):
+        if cell.init_image == "generated":
+            init_image = inputs.generated_image(width, height, cell.seed)
+        else:
+            init_image = inputs.load_image(cell.init_image, width, height)
+    if workflow == "inpaint":
+        mask = inputs.make_mask(cell.mask, width, height)
+    elif workflow == "outpaint":
+        assert init_image is not None
+        init_image, mask = inputs.outpaint_canvas(init_image, cell.outpaint_px)
+        width, height, workflow = cell.output_size[0], cell.output_size[1], "inpaint"
+    elif workflow == "hires":
+        final_width, final_height = cell.output_size
+        hires_shape = session.latent_shape(cell.batch, final_width, final_height)
+        hires_noise = make_noise(hires_shape, cell.seed + 1)
+    embeddings = inputs.parse_embeddings(cell.embedding, cell.model)
+    prompt = cell.prompt
+    for embedding in embeddings:  # the trigger word must be in the prompt to take effect
+        if embedding.token not in prompt.split():
+            prompt = f"{prompt}, {embedding.token}"
     return Request(
-        prompt=cell.prompt,
+        prompt=prompt,
         negative_prompt=cell.negative_prompt,
         batch=cell.batch,
         steps=cell.steps,
-        width=cell.width,
-        height=cell.height,
+        width=width,
+        height=height,
         sampler=cell.sampler,
         guidance=cell.guidance,
         seed=cell.seed,
-        noise=make_noise(shape, cell.seed),
-        workflow=cell.workflow,
+        noise=make_noise(session.latent_shape(cell.batch, width, height), cell.seed),
+        workflow=workflow,
+        init_image=init_image,
+        mask=mask,
+        strength=cell.strength,
+        hires_scale=cell.hires_scale,
+        hires_upscaler=cell.hires_upscaler,
+        hires_noise=hires_noise,
+        loras=inputs.parse_loras(cell.lora, cell.model),
+        embeddings=embeddings,
     )
 
 
 def output_checks(output: Output, cell: Cell) -> dict[str, Any]:
     """Shape, finiteness and non-constancy of the produced images."""
     images = output.images
-    expected = (cell.batch, cell.height, cell.width, 3)
+    width, height = cell.output_size
+    expected = (cell.batch, height, width, 3)
     finite = bool(np.isfinite(images).all())
     return {
         "output_shape": list(images.shape),
@@ -100,7 +134,7 @@ def output_checks(output: Output, cell: Cell) -> dict[str, Any]:
 
 def _output_problem(checks: dict[str, Any], cell: Cell) -> str | None:
     if not checks["output_shape_ok"]:
-        expected = [cell.batch, cell.height, cell.width, 3]
+        expected = [cell.batch, cell.output_size[1], cell.output_size[0], 3]
         return f"output shape {checks['output_shape']}, expected {expected}"
     if not checks["output_finite"]:
         return "output contains NaN or inf values"
@@ -152,12 +186,14 @@ class Runner:
         self.env = environment.collect()
         self.env_fingerprint = environment.fingerprint(self.env)
         self._loaded: _Loaded | None = None
+        self.parity = ParityTracker()
 
     # -- public -------------------------------------------------------------------------
 
     def run(self, cells: Iterable[Cell]) -> list[Result]:
         """Run every cell (grouped by load key), with a progress bar; return the results."""
         ordered = [cell for group in group_by_load(list(cells)) for cell in group]
+        self.parity.plan(ordered)
         results: list[Result] = []
         # The bar only on a terminal; one line per finished cell either way.
         show_bar = self.progress and sys.stderr.isatty()
@@ -292,6 +328,8 @@ class Runner:
         metrics.update(checks)
         if self.save_images and self.out_dir is not None:
             metrics["image"] = _save_preview(outputs[-1], self.out_dir, cell)
+        if timeout is None and _output_problem(checks, cell) is None:
+            metrics.update(self._conformance(cell, device, session, request, outputs[-1]))
         if timeout is not None:
             reason = f"timed out after {len(timings)} of {cell.repeats} repeats ({timeout})"
             return self._result(cell, "timeout", reason=reason, metrics=metrics)
@@ -301,6 +339,35 @@ class Runner:
                 cell, "error", reason=problem, error_type="OutputCheck", metrics=metrics
             )
         return self._result(cell, "ok", metrics=metrics)
+
+    def _conformance(
+        self, cell: Cell, device: torch.device, session: Session, request: Request, output: Output
+    ) -> dict[str, Any]:
+        """Parity against the other backend's cell, and the scenario's conformance checks."""
+        figures = self.parity.record(cell, output)
+        found: dict[str, Any] = {}
+        if "parity_check" in figures:
+            found["parity"] = figures.pop("parity_check")
+        if cell.checks:
+            backend = get_backend(cell.backend)
+
+            def generate(variant: Request) -> Output:
+                with GenerationTimer(device) as timer:
+                    return session.generate(variant, timer)
+
+            def load_merged(path: Path) -> Session:
+                from models import resolve
+
+                merged = dataclasses.replace(cell, model=str(path), source="safetensors")
+                return backend.load(merged, resolve(str(path), "safetensors"), device)
+
+            context = CheckContext(cell, backend, session, request, output, device, generate)
+            ran = run_checks(context, load_merged)
+            found.update({name: check.to_dict() for name, check in ran.items()})
+        if found:
+            figures["checks"] = found
+            figures["checks_failed"] = sum(c["status"] in ("fail", "error") for c in found.values())
+        return figures
 
     def _failure(
         self, cell: Cell, error: BaseException, device: torch.device | None = None
@@ -339,12 +406,24 @@ def _progress_line(index: int, total: int, result: Result) -> str:
         metrics = result.metrics
         gpu = metrics.get("gpu_allocated_peak_gb")
         gpu_text = f" gpu {gpu:.2f} GB" if gpu is not None else ""
-        return (
-            f"{head}  ok  {metrics['its']:.2f} it/s  "
-            f"cpu {metrics['cpu_peak_gb']:.2f} GB{gpu_text}"
-        )
+        line = f"{head}  ok  {metrics['its']:.2f} it/s  cpu {metrics['cpu_peak_gb']:.2f} GB{gpu_text}"
+        if "parity_psnr_db" in metrics:
+            line += (f"  parity vs {metrics['parity_ref_backend']}: "
+                     f"{metrics['parity_psnr_db']:.1f} dB {metrics['parity_status']}")
+        checks = metrics.get("checks") or {}
+        if checks:
+            passed = sum(check["status"] == "pass" for check in checks.values())
+            failed = [name for name, check in checks.items() if check["status"] in ("fail", "error")]
+            line += f"  checks {passed}/{len(checks)} pass"
+            if failed:
+                line += f" (failed: {', '.join(failed)})"
+        return line
     return f"{head}  {result.status}: {result.reason}"
 
 
 def any_failed(results: Iterable[Result]) -> bool:
-    return any(result.status in FAILED_STATUSES for result in results)
+    """A cell failed (error, oom, timeout) or one of its conformance checks failed."""
+    return any(
+        result.status in FAILED_STATUSES or result.metrics.get("checks_failed", 0) > 0
+        for result in results
+    )

@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -67,6 +67,33 @@ def _check_sampler(value: Any) -> Any:
     return value
 
 
+_EXTRA_REF = r"(?:zoo:[A-Za-z0-9_.-]+|[^@+]+)"
+
+
+def _check_lora(value: Any) -> Any:
+    """``none`` or ``REF@STRENGTH[+REF@STRENGTH...]``, REF = ``zoo:NAME`` or a file path."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'none' or 'FILE@STRENGTH[+FILE@STRENGTH...]', got {value!r}")
+    if value == "none":
+        return value
+    for part in value.split("+"):
+        if not re.fullmatch(_EXTRA_REF + r"@-?\d+(?:\.\d+)?", part.strip()):
+            raise ValueError(
+                f"expected 'none' or 'FILE@STRENGTH[+FILE@STRENGTH...]' "
+                f"(e.g. zoo:style@0.8), got {value!r}"
+            )
+    return value
+
+
+def _check_embedding(value: Any) -> Any:
+    """``none`` or ``REF[+REF...]``; the trigger word is the file's stem (A1111's rule)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'none' or 'FILE[+FILE...]', got {value!r}")
+    if value != "none" and not all(re.fullmatch(_EXTRA_REF, p.strip()) for p in value.split("+")):
+        raise ValueError(f"expected 'none' or 'FILE[+FILE...]' (e.g. zoo:tiny-token), got {value!r}")
+    return value
+
+
 def _check_backend(value: Any) -> Any:
     if value not in KNOWN_BACKENDS:
         raise ValueError(
@@ -99,6 +126,16 @@ AXES: dict[str, tuple[Any, Any]] = {
     "guidance": (Annotated[float, Field(ge=0)], 7.5),
     "seed": (Annotated[int, Field(ge=0)], 0),
     "batch": (Annotated[int, Field(ge=1, le=256)], 1),
+    # workflow parameters (used by the workflows that need them, ignored by the others)
+    "strength": (Annotated[float, Field(ge=0, le=1)], 0.75),
+    "init_image": (Annotated[str, Field(min_length=1)], "generated"),
+    "mask": (Annotated[str, Field(min_length=1)], "center"),
+    "outpaint_px": (Annotated[int, Field(ge=8, le=1024, multiple_of=8)], 32),
+    "hires_scale": (Annotated[float, Field(gt=1, le=4)], 2.0),
+    "hires_upscaler": (Literal["latent", "image"], "latent"),
+    # features
+    "lora": (Annotated[str, BeforeValidator(_check_lora)], "none"),
+    "embedding": (Annotated[str, BeforeValidator(_check_embedding)], "none"),
 }
 
 
@@ -145,6 +182,9 @@ class Thresholds(BaseModel):
     load: float = Field(0.25, gt=0, lt=10)
 
 
+CheckName = Literal["determinism", "parity", "semantics"]
+
+
 class Scenario(BaseModel):
     """A validated scenario file."""
 
@@ -158,6 +198,8 @@ class Scenario(BaseModel):
     warmup: int = Field(1, ge=0, le=100)
     timeout_s: float | None = Field(None, gt=0)
     thresholds: Thresholds = Thresholds()
+    #: Conformance checks run on every cell after its measurement (see docs/conformance.md).
+    checks: list[CheckName] = []
     matrix: Matrix = Matrix()
     #: Where the scenario came from; set by :func:`load_scenario`, not written by users.
     path: str = Field("<memory>", exclude=True)

@@ -11,9 +11,9 @@ import torch
 from harness.measure import (
     CellTimeout,
     GenerationTimer,
+    Measurement,
     MemoryMonitor,
     MemoryPeaks,
-    Measurement,
     Timing,
 )
 
