@@ -68,7 +68,7 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     for info in list_models():
         params = info.get("parameters", {})
         counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in params.items())
-        cached = ", ".join(info.get("cached", [])) or "none"
+        cached = ", ".join(info.get("cached_formats", [])) or "none"
         print(f"{info['name']:8} {info['description']}")
         print(f"{'':8} parameters: {counts}; cached formats: {cached}")
     return EXIT_OK

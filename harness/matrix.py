@@ -62,6 +62,25 @@ _ID_ORDER: tuple[str, ...] = (
 )
 
 
+#: Workflow parameters appear in an id only for the workflows that use them.
+_USED_BY: dict[str, frozenset[str]] = {
+    "strength": frozenset({"img2img", "inpaint", "outpaint", "hires"}),
+    "init_image": frozenset({"img2img", "inpaint", "outpaint"}),
+    "mask": frozenset({"inpaint"}),
+    "outpaint_px": frozenset({"outpaint"}),
+    "hires_scale": frozenset({"hires"}),
+    "hires_upscaler": frozenset({"hires"}),
+}
+
+
+def _shown_in_id(axis: str, combo: dict[str, Any]) -> bool:
+    if axis in _USED_BY:
+        return combo["workflow"] in _USED_BY[axis]
+    if axis in ("lora", "embedding"):
+        return combo[axis] != "none"
+    return True
+
+
 def _id_part(axis: str, value: Any) -> str:
     if axis == "batch":
         return f"b{value}"
@@ -88,7 +107,7 @@ def _id_part(axis: str, value: Any) -> str:
     if axis == "hires_scale":
         return f"x{value:g}"
     if axis in ("lora", "embedding"):
-        return "no" + axis if value == "none" else f"{axis}-" + value.replace("zoo:", "")
+        return f"{axis}-" + value.replace("zoo:", "")
     if axis in ("init_image", "mask"):
         return f"{axis.replace('_image', '')}-{Path(value).stem}"
     return str(value).replace("/", "_").replace(":", "_")
@@ -200,7 +219,9 @@ def expand(scenario: Scenario) -> list[Cell]:
     cells: list[Cell] = []
     seen: dict[str, int] = {}
     for combo in unique:
-        base_id = "-".join(_id_part(axis, combo[axis]) for axis in shown)
+        base_id = "-".join(
+            _id_part(axis, combo[axis]) for axis in shown if _shown_in_id(axis, combo)
+        )
         seen[base_id] = seen.get(base_id, 0) + 1
         cell_id = base_id if seen[base_id] == 1 else f"{base_id}-{seen[base_id]}"
         width, height = combo.pop("resolution")

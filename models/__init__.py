@@ -1,6 +1,6 @@
 """The model zoo: architecture specs, deterministic synthetic checkpoints in every load
 format, a local cache of them, and resolution of model references (zoo names, local files,
-Hugging Face hub ids) to files on disk."""
+Hugging Face hub ids) to files on disk; LoRA and textual-inversion files per architecture."""
 
 from .convert import (
     SPEC_METADATA_KEY,
@@ -10,8 +10,11 @@ from .convert import (
     write_hub_folder,
     write_single_file,
 )
+from .embeddings import EMBEDDINGS, read_embedding
+from .extras import extra_file, extra_names, model_spec
+from .lora import LORAS, LoraLayer, LoraTarget, lora_targets, merge_loras, read_lora
 from .sources import ResolvedModel, resolve, single_file_spec
-from .specs import SPECS, ModelSpec, get_spec
+from .specs import SPECS, ModelSpec, base_spec, get_spec
 from .synth import Components, parameter_counts, synthesize
 from .tokenizer import write_tokenizer
 from .zoo import (
@@ -26,20 +29,32 @@ from .zoo import (
 )
 
 __all__ = [
+    "EMBEDDINGS",
     "FORMATS",
+    "LORAS",
     "SPECS",
     "SPEC_METADATA_KEY",
     "Components",
+    "LoraLayer",
+    "LoraTarget",
     "ModelSpec",
     "ResolvedModel",
+    "base_spec",
     "cache_root",
     "config_folder",
+    "extra_file",
+    "extra_names",
     "get_spec",
     "install_in_hf_cache",
     "list_models",
+    "lora_targets",
     "materialize",
+    "merge_loras",
+    "model_spec",
     "model_dir",
     "parameter_counts",
+    "read_embedding",
+    "read_lora",
     "read_spec_metadata",
     "resolve",
     "single_file_spec",

@@ -330,8 +330,9 @@ def model_index(spec: ModelSpec) -> dict[str, Any]:
     """``model_index.json`` of a hub folder (no safety checker, no feature extractor)."""
     import diffusers
 
+    inpaint = spec.unet["in_channels"] == 9  # as the public inpainting releases name it
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -381,3 +382,54 @@ def write_single_file(spec: ModelSpec, components: Any, path: Path) -> Path:
     """The original-layout single file of ``components`` at ``path`` (suffix picks the format)."""
     states = {name: model.state_dict() for name, model in components.items()}
     return save_single_file(to_original_state_dict(spec, states), spec, path)
+
+
+# --------------------------------------------------------------------------- reverse mapping
+
+
+def original_key_map(spec: ModelSpec) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Original single-file key → (component, diffusers key, diffusers shape) of ``spec``.
+
+    Derived from the forward mapping of :func:`to_original_state_dict` on meta-device
+    modules (names and shapes only, no weights), so the two directions cannot disagree. The
+    text encoder's diffusers keys are those of the installed transformers (flattened, without
+    ``text_model.``, on transformers ≥ 5.6).
+    """
+    from .synth import empty_components
+
+    components = empty_components(spec)
+    mapping: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for component, model in components.items():
+        state = model.state_dict()
+        if component == "unet":
+            renamed = {key: UNET_PREFIX + _rename(key, unet_prefix_map(spec.unet)) for key in state}
+        elif component == "vae":
+            renamed = {key: VAE_PREFIX + _rename(key, vae_prefix_map(spec.vae)) for key in state}
+        else:
+            renamed = {
+                key: CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)
+                for key in state
+            }
+        for key, original in renamed.items():
+            mapping[original] = (component, key, tuple(state[key].shape))
+    return mapping
+
+
+def from_original_state_dict(
+    spec: ModelSpec, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The diffusers component state dicts of an original-layout state dict of ``spec``.
+
+    Returns ``(states, missing)``: ``missing`` lists the original keys ``spec`` needs that
+    ``state`` lacks. Keys ``spec`` has no use for (schedule buffers, EMA weights) are ignored.
+    Tensors are reshaped to the diffusers shapes (the VAE's 1x1-conv attention → linear).
+    """
+    states: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    missing: list[str] = []
+    for original, (component, key, shape) in original_key_map(spec).items():
+        value = state.get(original)
+        if value is None:
+            missing.append(original)
+            continue
+        states[component][key] = value.reshape(shape) if tuple(value.shape) != shape else value
+    return states, missing

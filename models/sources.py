@@ -134,7 +134,11 @@ def single_file_spec(path: Path) -> ModelSpec:
             f"model '{path}': unrecognised architecture (UNet width {key[0]}, context {key[1]}); "
             "expected an SD 1.x original checkpoint (UNet width 320, context 768)"
         )
-    return get_spec(_KNOWN_SHAPES[key])
+    name = _KNOWN_SHAPES[key]
+    in_channels = (shapes.get(_UNET_IN) or (0, 0))[1]
+    if in_channels == 9 and f"{name}-inpaint" in SPECS:  # the inpainting variant
+        name = f"{name}-inpaint"
+    return get_spec(name)
 
 
 def _spec_of_folder(path: Path) -> str | None:

@@ -9,11 +9,13 @@ say, which UNet levels carry attention (a mismatch shows up only as missing keys
 CLIP ViT-L/14 text encoder, KL-f8 VAE). ``tiny`` keeps the same structure (f8 VAE, attention
 on the first UNet level and in the middle, GroupNorm of 32) at widths that run in
 milliseconds on a CPU; its widths are multiples of 32 because the original modules
-hard-code 32 normalisation groups.
+hard-code 32 normalisation groups. ``tiny-inpaint`` / ``sd15-inpaint`` are the same with the
+9-channel UNet input of the inpainting releases.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -244,6 +246,48 @@ SPECS: dict[str, ModelSpec] = {
         repo_id="sdbench/sd15",
     ),
 }
+
+
+#: Inpainting variants: the base spec with a 9-channel UNet input (4 noisy latents + 4 masked
+#: image latents + 1 mask, the layout of ``runwayml/stable-diffusion-inpainting``); every other
+#: setting equals the base, so LoRA and embedding files of the base apply unchanged.
+INPAINT_VARIANTS: dict[str, str] = {"tiny-inpaint": "tiny", "sd15-inpaint": "sd15"}
+INPAINT_IN_CHANNELS = 9
+
+
+def _inpaint_variant(name: str, base: ModelSpec) -> ModelSpec:
+    return dataclasses.replace(
+        base,
+        name=name,
+        description=f"{base.name} with the 9-channel inpainting UNet input (latents+masked+mask)",
+        unet={**base.unet, "in_channels": INPAINT_IN_CHANNELS},
+        repo_id=f"sdbench/{name}",
+    )
+
+
+SPECS.update(
+    {name: _inpaint_variant(name, SPECS[base]) for name, base in INPAINT_VARIANTS.items()}
+)
+
+
+def base_spec(spec: ModelSpec) -> ModelSpec:
+    """The zoo spec whose LoRA / embedding files ``spec`` shares.
+
+    An inpainting variant shares the files of its base (same module names and widths); a spec
+    whose architecture equals a zoo spec up to the UNet input channels shares that spec's
+    files; any other spec is its own base.
+    """
+    if spec.name in INPAINT_VARIANTS and SPECS.get(spec.name) == spec:
+        return SPECS[INPAINT_VARIANTS[spec.name]]
+
+    def shape(candidate: ModelSpec) -> tuple[Any, ...]:
+        unet = {k: v for k, v in candidate.unet.items() if k != "in_channels"}
+        return (unet, candidate.vae, candidate.text_encoder, candidate.seed)
+
+    for candidate in SPECS.values():
+        if candidate.name not in INPAINT_VARIANTS and shape(candidate) == shape(spec):
+            return candidate
+    return spec
 
 
 def get_spec(name: str) -> ModelSpec:
