@@ -139,19 +139,20 @@ class Cell:
     guidance: float
     seed: int
     batch: int
-    strength: float
-    init_image: str
-    mask: str
-    outpaint_px: int
-    hires_scale: float
-    hires_upscaler: str
-    lora: str
-    embedding: str
     prompt: str
     negative_prompt: str
     repeats: int
     warmup: int
     timeout_s: float | None
+    # workflow parameters and features (defaults as in harness.scenario.AXES)
+    strength: float = 0.75
+    init_image: str = "generated"
+    mask: str = "center"
+    outpaint_px: int = 32
+    hires_scale: float = 2.0
+    hires_upscaler: str = "latent"
+    lora: str = "none"
+    embedding: str = "none"
     checks: tuple[str, ...] = ()
 
     @property

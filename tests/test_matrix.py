@@ -92,3 +92,14 @@ def test_group_by_load_shares_sessions_across_batch_and_sampler() -> None:
 def test_cell_round_trip() -> None:
     cell = _expand({"batch": 3})[0]
     assert type(cell).from_dict(cell.to_dict()) == cell
+
+
+def test_cell_defaults_agree_with_the_schema() -> None:
+    from dataclasses import MISSING, fields
+
+    from harness.matrix import Cell
+    from harness.scenario import AXES
+
+    for field in fields(Cell):
+        if field.name in AXES and field.default is not MISSING:
+            assert field.default == AXES[field.name][1], field.name
