@@ -1,8 +1,11 @@
-"""The diffusers backend: ``StableDiffusionPipeline`` driven through the harness's vocabulary.
+"""The diffusers backend: diffusers' Stable Diffusion pipelines driven through the harness's
+vocabulary.
 
 Loading: a hub-layout folder (``from_pretrained``), a single ``.safetensors`` / ``.ckpt`` file
 (``from_single_file`` offline, with the zoo's config folder of the same architecture) or a
-hub id (resolved to a snapshot folder by :mod:`models.sources`).
+hub id (resolved to a snapshot folder by :mod:`models.sources`). A 9-channel inpainting UNet
+(``unet.config.in_channels == 9``) loads through ``StableDiffusionPipeline`` too (both layouts:
+the pipeline class does not check the UNet's input width); it then runs only ``inpaint``.
 
 Memory modes: ``medvram`` = ``enable_model_cpu_offload`` (whole components move to the GPU
 when used), ``lowvram`` = ``enable_sequential_cpu_offload`` (sub-modules move on demand). Both
@@ -28,30 +31,111 @@ deis            DEISMultistepScheduler
 unipc           UniPCMultistepScheduler
 ==============  ====================================================================
 
-Phases: the prompt is encoded with ``pipe.encode_prompt`` (timed as ``encode``); the pipeline
-then runs from the embeddings; the last step's callback splits ``denoise`` from ``decode``
-(VAE decode and post-processing to an array), so every phase runs exactly as the pipeline
-runs it, offload hooks included.
+Workflows. The workflow pipelines share every component with the loaded one
+(``from_pipe``), are built once per session on first use, and get the session's scheduler
+before each call:
+
+=========  ==========================================================================
+workflow   how it runs
+=========  ==========================================================================
+txt2img    ``StableDiffusionPipeline`` from ``latents=request.noise``.
+img2img    ``StableDiffusionImg2ImgPipeline``. Init latents = VAE encode of
+           ``init_image`` taking the latent distribution's **mode** (its mean), not a
+           sample, times the scaling factor — deterministic, and what the original
+           backend does. Timesteps by ``strength`` as diffusers' ``get_timesteps``
+           (``int(steps * strength)`` steps at the end of the schedule); start =
+           ``scheduler.add_noise(init, request.noise, t_start)``. No step left (strength
+           0, or ``steps * strength < 1``) → no denoising: the output latents are the
+           init latents and the VAE decodes them.
+inpaint    ``StableDiffusionInpaintPipeline``. 4-channel UNet: diffusers' latent masking
+           (after every step the unmasked latents are reset to the init latents noised to
+           the next timestep with ``request.noise``, and to the init latents themselves
+           after the last one, so the final latents equal the init latents wherever the
+           mask, nearest-downsampled to the latent size, is 0). 9-channel UNet: the
+           mask and the mode-encoded masked image (``image * (mask < 0.5)``) are
+           concatenated to the UNet input. Strength 1 starts from
+           ``request.noise * init_noise_sigma``, lower strengths as img2img.
+hires      Pass 1 txt2img at (width, height) from ``request.noise``; upscale the latents
+           by ``hires_scale`` to the output size (``latent``: bilinear interpolation of
+           the latents, A1111's "Latent" upscaler; ``image``: decode, 8-bit RGB resize with
+           PIL LANCZOS as A1111 does, encode with the mode); pass 2 img2img at
+           ``strength`` from ``request.hires_noise`` with the same ``steps``.
+=========  ==========================================================================
+
+Where a diffusers pipeline draws its own start noise (img2img and inpaint
+``prepare_latents``), the session replaces that method on the pipeline instance for the call
+(:meth:`DiffusersSession._start_noise`) so that it uses the harness's noise; ancestral / SDE
+noise stays the pipeline generator's, seeded from ``request.seed``.
+
+Features:
+
+- **LoRA**: kohya / A1111 ``.safetensors`` through ``load_lora_weights`` (peft), one adapter per
+  file (loaded once per session, named after the file) and ``set_adapters(names,
+  adapter_weights=strengths)`` per request; a request without LoRAs runs with the adapters
+  disabled (``disable_lora``), which gives exactly the base model's output. diffusers/peft
+  only *warn* about LoRA keys that name no module, so the session checks a kohya file's
+  module names against the model before loading and counts the modules the adapter really
+  wrapped after loading; any key left over is a :class:`~harness.errors.UserError` naming
+  the file and a few keys.
+- **Textual inversion**: ``load_textual_inversion(path, token=...)`` for files (A1111 ``.pt``
+  and ``.safetensors``), ``load_textual_inversion(vectors, token=...)`` for vectors put in by
+  hand; an ``n``-vector embedding adds ``token, token_1 … token_{n-1}`` and diffusers expands
+  the trigger word in the prompt to all of them. Loaded once per session, keyed by (token,
+  source); an embedding whose token is reused with another source, or whose token occurs in
+  a prompt of a request that does not ask for it, is unloaded first.
+- Prompts are truncated to CLIP's 77 positions (``long_prompts = False``).
+
+Phases: the prompt (and for img2img / inpaint the init image, and the inpaint mask) is
+encoded in ``encode``; ``denoise`` runs from the first step to the last one — for hires both
+passes, and the upscale between them (with the ``image`` upscaler that includes a VAE decode
+and encode); the last step's callback splits ``denoise`` from ``decode`` (VAE decode and
+post-processing to an array), so the decode runs as the pipeline runs it, offload hooks
+included. ``timer.step()`` follows every pipeline step: ``len(timesteps)`` calls for txt2img
+(``steps`` for first-order samplers), the strength-reduced count for img2img / inpaint, and
+for hires the sum of both passes (``steps + min(int(steps * strength), steps)`` for a
+first-order sampler). LoRA / embedding files are loaded inside the generation before
+``encode`` on their first use in the session (a warm-up generation absorbs that).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from backends.base import TORCH_DTYPES, Backend, Output, Request, Session
+from backends.base import (
+    TORCH_DTYPES,
+    Backend,
+    EmbeddingRef,
+    LoraRef,
+    Output,
+    Request,
+    Session,
+)
 from harness.errors import UnsupportedError, UserError
 from harness.vocabulary import split_sampler
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     from harness.matrix import Cell
     from harness.measure import GenerationTimer
     from models.sources import ResolvedModel
+
+WORKFLOWS: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "hires")
+#: Input channels of an inpainting UNet: 4 noisy latents + 1 mask + 4 masked-image latents.
+INPAINT_IN_CHANNELS = 9
+#: The workflows a cell may name (the harness turns outpaint into inpaint).
+CELL_WORKFLOWS: tuple[str, ...] = (*WORKFLOWS, "outpaint")
+#: Key prefixes of kohya / A1111 LoRA files (``lora_te1_`` / ``lora_te2_`` are SDXL's).
+KOHYA_PREFIXES: tuple[str, ...] = ("lora_unet_", "lora_te")
 
 #: sampler base name -> (scheduler class name, extra config, k-diffusion style spacing)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -122,31 +206,398 @@ def _component_report(path: str) -> str:
             keys = list(data.get("state_dict", data))
     except Exception as error:  # noqa: BLE001 - only used to enrich an error message
         return f"(could not list its keys: {error})"
-    missing = [name for name, prefix in prefixes.items() if not any(k.startswith(prefix) for k in keys)]
+    missing = [
+        name for name, prefix in prefixes.items() if not any(k.startswith(prefix) for k in keys)
+    ]
     if missing:
-        return f"no {', '.join(missing)} weights (keys starting with " + ", ".join(
-            repr(prefixes[name]) for name in missing) + ")"
+        return (
+            f"no {', '.join(missing)} weights (keys starting with "
+            + ", ".join(repr(prefixes[name]) for name in missing)
+            + ")"
+        )
     return "some weights of the configured architecture are missing (an architecture mismatch)"
 
 
+def denoising_steps(steps: int, strength: float) -> int:
+    """Steps an img2img / inpaint pass runs: diffusers' ``get_timesteps`` rule."""
+    return min(int(steps * strength), steps)
+
+
+def lora_adapter_name(path: Path) -> str:
+    """A stable adapter name for a LoRA file: its stem (made a valid module name) and a hash
+    of its absolute path, so two files with the same stem do not collide."""
+    stem = re.sub(r"\W", "_", path.stem)
+    digest = hashlib.sha1(str(path.expanduser().resolve()).encode()).hexdigest()[:8]
+    return f"{stem}_{digest}"
+
+
+def kohya_module_names(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> set[str]:
+    """The kohya names (``lora_unet_…`` / ``lora_te_text_model_…``) of the modules a LoRA
+    can adapt: Linear and Conv2d layers, diffusers module path with ``.`` → ``_``.
+
+    transformers ≥ 5.6 flattened ``CLIPTextModel`` (no ``text_model.`` level), while kohya
+    files name its modules ``text_model_…`` either way.
+    """
+    adaptable = (torch.nn.Linear, torch.nn.Conv2d)
+    names = {
+        "lora_unet_" + name.replace(".", "_")
+        for name, module in unet.named_modules()
+        if isinstance(module, adaptable)
+    }
+    text_prefix = "lora_te_" if hasattr(text_encoder, "text_model") else "lora_te_text_model_"
+    names.update(
+        text_prefix + name.replace(".", "_")
+        for name, module in text_encoder.named_modules()
+        if isinstance(module, adaptable)
+    )
+    return names
+
+
+def _kohya_wrapped(model: torch.nn.Module, adapter: str, prefix: str) -> set[str]:
+    """kohya names of the modules of ``model`` that carry LoRA ``adapter`` (peft layers)."""
+    return {
+        prefix + name.replace(".", "_")
+        for name, module in model.named_modules()
+        if adapter in getattr(module, "lora_A", {})
+    }
+
+
+def _lora_key_names(path: Path) -> list[str]:
+    """The tensor names of a LoRA file (without reading the tensors)."""
+    from safetensors import safe_open
+
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"LoRA '{path}': expected a kohya .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise UserError(
+            f"LoRA '{path}': cannot be read ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _few(names: list[str] | set[str], count: int = 3) -> str:
+    ordered = sorted(names)
+    more = f" (+{len(ordered) - count} more)" if len(ordered) > count else ""
+    return ", ".join(ordered[:count]) + more
+
+
+def _source_key(ref: EmbeddingRef) -> str:
+    """What identifies an embedding's source: its file, or a hash of the vectors given."""
+    if ref.path is not None:
+        return f"file:{Path(ref.path).expanduser().resolve()}"
+    if ref.vectors is None:
+        raise ValueError(f"embedding {ref.token!r}: neither path nor vectors given")
+    data = ref.vectors.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return f"vectors:{tuple(ref.vectors.shape)}:{hashlib.sha1(data).hexdigest()}"
+
+
+def _pixels(image: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[H, W, 3]`` in ``[0, 1]`` → ``[1, 3, H, W]`` in ``[-1, 1]`` (the VAE's input range)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    return (tensor.permute(2, 0, 1)[None] * 2.0 - 1.0).to(device=device, dtype=dtype)
+
+
+def _batched(latents: torch.Tensor, batch: int) -> torch.Tensor:
+    """``latents`` of batch 1 (or ``batch``) repeated to ``batch``."""
+    if latents.shape[0] == batch:
+        return latents
+    if latents.shape[0] != 1:
+        raise ValueError(f"latents of batch {latents.shape[0]} cannot make a batch of {batch}")
+    return latents.repeat(batch, 1, 1, 1)
+
+
 class DiffusersSession(Session):
-    def __init__(self, pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype):
+    """A loaded ``StableDiffusionPipeline`` and the workflow pipelines sharing its components."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline,
+        device: torch.device,
+        dtype: torch.dtype,
+        offload: str = "none",
+    ) -> None:
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
+        self.offload = offload
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.latent_channels = int(pipe.vae.config.latent_channels)
         self.vae_scale_factor = int(pipe.vae_scale_factor)
+        self.unet_in_channels = int(pipe.unet.config.in_channels)
         self._sampler: str | None = None
+        #: img2img / inpaint pipelines (``from_pipe``), built on first use.
+        self._workflow_pipes: dict[str, DiffusionPipeline] = {}
+        #: LoRA file (absolute) -> adapter name; kohya names of the adaptable modules.
+        self._loras: dict[Path, str] = {}
+        self._kohya_names: set[str] | None = None
+        #: trigger word -> (source key, every token it added to the tokenizer).
+        self._embeddings: dict[str, tuple[str, list[str]]] = {}
+
+    # -- pipelines and scheduler ----------------------------------------------------------
 
     def _use_sampler(self, sampler: str) -> None:
         if sampler != self._sampler:
             self.pipe.scheduler = make_scheduler(sampler, self.base_scheduler_config)
             self._sampler = sampler
 
-    def generate(self, request: Request, timer: GenerationTimer) -> Output:
+    def _pipeline(self, kind: str) -> DiffusionPipeline:
+        """The pipeline of ``kind`` (txt2img | img2img | inpaint) with the session's scheduler."""
+        if kind == "txt2img":
+            return self.pipe
+        pipe = self._workflow_pipes.get(kind)
+        if pipe is None:
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+            pipeline_class = {
+                "img2img": StableDiffusionImg2ImgPipeline,
+                "inpaint": StableDiffusionInpaintPipeline,
+            }[kind]
+            # dtype: from_pipe casts the (shared!) components to it, float32 by default.
+            pipe = pipeline_class.from_pipe(self.pipe, dtype=self.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            if self.offload == "medvram":
+                # Re-hooks the shared components for this pipeline, so that its calls end
+                # with every component offloaded, as the base pipeline's do. Sequential
+                # offload (lowvram) hooks live on the modules themselves and need nothing.
+                pipe.enable_model_cpu_offload(device=self.device)
+            self._workflow_pipes[kind] = pipe
+        pipe.scheduler = self.pipe.scheduler
+        return pipe
+
+    @contextmanager
+    def _start_noise(self, pipe: DiffusionPipeline, noise: torch.Tensor) -> Iterator[None]:
+        """Make ``pipe.prepare_latents`` start from the harness's ``noise``.
+
+        diffusers' img2img and inpaint ``prepare_latents`` draw their noise from the
+        generator (and the inpaint one ignores a ``latents=`` argument below strength 1); this
+        replaces the method on the instance for the duration of one call with one that does the
+        same arithmetic — ``add_noise(init, noise, t_start)``, or ``noise * init_noise_sigma``
+        for inpaint at strength 1 — on ``noise``. ``image`` is always latents here (the session
+        encodes the init image itself).
+        """
+        from diffusers import StableDiffusionInpaintPipeline
+
+        def img2img_latents(
+            image: torch.Tensor,
+            timestep: torch.Tensor,
+            batch_size: int,
+            num_images_per_prompt: int,
+            dtype: torch.dtype,
+            device: torch.device,
+            generator: Any = None,
+        ) -> torch.Tensor:
+            batch = batch_size * num_images_per_prompt
+            init = _batched(image.to(device=device, dtype=dtype), batch)
+            start = noise.to(device=device, dtype=dtype)
+            return pipe.scheduler.add_noise(init, start, timestep)
+
+        def inpaint_latents(
+            batch_size: int,
+            num_channels_latents: int,
+            height: int,
+            width: int,
+            dtype: torch.dtype,
+            device: torch.device,
+            generator: Any,
+            latents: torch.Tensor | None = None,
+            image: torch.Tensor | None = None,
+            timestep: torch.Tensor | None = None,
+            is_strength_max: bool = True,
+            return_noise: bool = False,
+            return_image_latents: bool = False,
+        ) -> tuple[torch.Tensor, ...]:
+            assert image is not None and image.shape[1] == num_channels_latents
+            start = noise.to(device=device, dtype=dtype)
+            image_latents = _batched(image.to(device=device, dtype=dtype), batch_size)
+            if is_strength_max:
+                start_latents = start * pipe.scheduler.init_noise_sigma
+            else:
+                start_latents = pipe.scheduler.add_noise(image_latents, start, timestep)
+            outputs: tuple[torch.Tensor, ...] = (start_latents,)
+            if return_noise:
+                outputs += (start,)
+            if return_image_latents:
+                outputs += (image_latents,)
+            return outputs
+
+        inpaint = isinstance(pipe, StableDiffusionInpaintPipeline)
+        pipe.prepare_latents = inpaint_latents if inpaint else img2img_latents
+        try:
+            yield
+        finally:
+            del pipe.prepare_latents  # the class's method again
+
+    # -- LoRA ------------------------------------------------------------------------------
+
+    def _apply_loras(self, loras: tuple[LoraRef, ...]) -> None:
+        """Load the request's LoRA files (once per session) and activate them at their
+        strengths; with none, disable every adapter (the base model's exact output)."""
         pipe = self.pipe
+        if not loras:
+            if self._loras:
+                pipe.disable_lora()
+            return
+        weights: dict[str, float] = {}
+        for ref in loras:
+            name = self._load_lora(Path(ref.path))
+            weights[name] = weights.get(name, 0.0) + float(ref.strength)
+        pipe.enable_lora()
+        pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+
+    def _load_lora(self, path: Path) -> str:
+        key = path.expanduser().resolve()
+        name = self._loras.get(key)
+        if name is not None:
+            return name
+        name = lora_adapter_name(path)
+        expected = self._check_kohya_keys(path, _lora_key_names(path))
+        try:
+            self.pipe.load_lora_weights(str(path), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError) as error:
+            self._drop_adapter(name)
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise UserError(
+                f"LoRA '{path}': diffusers cannot load it ({type(error).__name__}: {first})"
+            ) from error
+        applied = self._wrapped_modules(name)
+        missing = expected - applied
+        if missing or not applied:
+            self._drop_adapter(name)
+            what = _few(missing) if missing else "no module at all"
+            raise UserError(
+                f"LoRA '{path}': diffusers did not apply {len(missing) or 'any'} of its "
+                f"modules: {what}"
+            )
+        self._loras[key] = name
+        return name
+
+    def _check_kohya_keys(self, path: Path, keys: list[str]) -> set[str]:
+        """The kohya module names of a file's keys, checked against the model.
+
+        diffusers and peft only warn about keys that name no module; here they are an error.
+        A file without kohya keys (a diffusers / peft LoRA) is left to diffusers (and to the
+        check after loading that it adapted at least one module).
+        """
+        kohya = [key for key in keys if key.startswith(KOHYA_PREFIXES)]
+        if not kohya:
+            return set()
+        others = [key for key in keys if not key.startswith(KOHYA_PREFIXES)]
+        if others:
+            raise UserError(
+                f"LoRA '{path}': keys outside the kohya layout (lora_unet_… / lora_te_…): "
+                f"{_few(others)}"
+            )
+        if self._kohya_names is None:
+            self._kohya_names = kohya_module_names(self.pipe.unet, self.pipe.text_encoder)
+        names = {key.split(".", 1)[0] for key in kohya}
+        unknown = names - self._kohya_names
+        if unknown:
+            bad_keys = [key for key in kohya if key.split(".", 1)[0] in unknown]
+            raise UserError(
+                f"LoRA '{path}': {len(unknown)} of its {len(names)} modules name nothing in "
+                f"this model: {_few(bad_keys)}"
+            )
+        return names
+
+    def _wrapped_modules(self, adapter: str) -> set[str]:
+        """kohya names of the modules that carry ``adapter`` after loading."""
+        text_encoder = self.pipe.text_encoder
+        text_prefix = "lora_te_" if hasattr(text_encoder, "text_model") else "lora_te_text_model_"
+        return _kohya_wrapped(self.pipe.unet, adapter, "lora_unet_") | _kohya_wrapped(
+            text_encoder, adapter, text_prefix
+        )
+
+    def _drop_adapter(self, name: str) -> None:
+        loaded = {n for names in self.pipe.get_list_adapters().values() for n in names}
+        if name in loaded:
+            self.pipe.delete_adapters(name)
+
+    # -- textual inversion -----------------------------------------------------------------
+
+    def _apply_embeddings(self, request: Request) -> None:
+        """Load the request's embeddings (once per session, keyed by token and source).
+
+        An embedding loaded earlier is unloaded when its token now comes from another source,
+        or when a request that does not ask for it has its token in a prompt (the tokenizer
+        would otherwise still map the word to the embedding).
+        """
+        wanted = {ref.token: ref for ref in request.embeddings}
+        text = f"{request.prompt}\n{request.negative_prompt}"
+        for token, (source, added) in list(self._embeddings.items()):
+            ref = wanted.get(token)
+            if (ref is None and token in text) or (ref is not None and _source_key(ref) != source):
+                self.pipe.unload_textual_inversion(tokens=added)
+                del self._embeddings[token]
+        for ref in request.embeddings:
+            if ref.token not in self._embeddings:
+                self._load_embedding(ref)
+
+    def _load_embedding(self, ref: EmbeddingRef) -> None:
+        pipe = self.pipe
+        source = _source_key(ref)
+        if ref.path is not None:
+            path = Path(ref.path)
+            if not path.is_file():
+                raise UserError(f"embedding '{path}': no such file")
+            try:
+                pipe.load_textual_inversion(str(path), token=ref.token, local_files_only=True)
+            except Exception as error:  # noqa: BLE001 - torch / safetensors / diffusers errors
+                first = (str(error).strip().splitlines() or [""])[0][:200]
+                raise UserError(
+                    f"embedding '{path}': cannot be loaded, truncated or not an A1111 "
+                    f"embedding ({type(error).__name__}: {first})"
+                ) from error
+        else:
+            assert ref.vectors is not None
+            vectors = ref.vectors.detach().to("cpu")
+            pipe.load_textual_inversion(vectors.reshape(-1, vectors.shape[-1]), token=ref.token)
+        added = [ref.token]
+        vocabulary = pipe.tokenizer.get_vocab()
+        while f"{ref.token}_{len(added)}" in vocabulary:
+            added.append(f"{ref.token}_{len(added)}")
+        self._embeddings[ref.token] = (source, added)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _check_request(self, request: Request) -> None:
+        workflow = request.workflow
+        if workflow not in WORKFLOWS:
+            raise ValueError(f"workflow {workflow!r}: expected one of {', '.join(WORKFLOWS)}")
+        if self.unet_in_channels == INPAINT_IN_CHANNELS and workflow != "inpaint":
+            raise UnsupportedError(
+                f"workflow {workflow}: the UNet takes {INPAINT_IN_CHANNELS} input channels (an "
+                "inpainting model); diffusers runs such a model only in its inpaint pipeline"
+            )
+        if workflow in ("img2img", "inpaint"):
+            image = request.init_image
+            if image is None:
+                raise ValueError(f"workflow {workflow}: request.init_image is None")
+            if image.shape != (request.height, request.width, 3):
+                raise ValueError(
+                    f"workflow {workflow}: init image is {image.shape[1]}x{image.shape[0]} px "
+                    f"(shape {image.shape}), expected {request.width}x{request.height} RGB"
+                )
+        if workflow == "inpaint":
+            assert request.init_image is not None
+            mask = request.mask
+            if mask is None:
+                raise ValueError("workflow inpaint: request.mask is None")
+            height, width = request.init_image.shape[:2]
+            if mask.shape != (height, width):
+                size = f"{mask.shape[1]}x{mask.shape[0]}" if mask.ndim == 2 else str(mask.shape)
+                raise ValueError(f"inpaint mask is {size} px but the image is {width}x{height} px")
+        if workflow == "hires" and request.hires_noise is None:
+            raise ValueError("workflow hires: request.hires_noise is None")
+
+    @torch.no_grad()
+    def generate(self, request: Request, timer: GenerationTimer) -> Output:
+        self._check_request(request)
         self._use_sampler(request.sampler)
+        self._apply_loras(request.loras)
+        self._apply_embeddings(request)
+        pipe = self.pipe
         device = pipe._execution_device
         cfg = request.guidance > 1.0
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
@@ -159,51 +610,248 @@ class DiffusersSession(Session):
                 do_classifier_free_guidance=cfg,
                 negative_prompt=request.negative_prompt or None,
             )
+            encoded = self._encode_inputs(request, device, prompt_embeds.dtype)
 
+        sigmas = request.extra.get("sigmas")
+        common: dict[str, Any] = {
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_embeds if cfg else None,
+            "num_inference_steps": None if sigmas is not None else request.steps,
+            "sigmas": None if sigmas is None else list(map(float, sigmas)),
+            "guidance_scale": request.guidance,
+            "generator": generator,
+        }
+        total_steps = request.steps if sigmas is None else len(sigmas)
+        timer.begin("denoise")
+        if request.workflow == "txt2img":
+            output = self._txt2img(request, timer, common)
+        elif request.workflow == "img2img":
+            output = self._img2img(
+                encoded["init"], request.noise, request.strength, total_steps, timer, common
+            )
+        elif request.workflow == "inpaint":
+            output = self._inpaint(request, encoded, total_steps, timer, common)
+        else:
+            output = self._hires(request, total_steps, timer, common)
+        timer.end("decode")
+        return output
+
+    def _encode_inputs(
+        self, request: Request, device: torch.device, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """img2img / inpaint: init latents ``[batch, C, h, w]``; inpaint: also the mask
+        ``[1, 1, H, W]`` and the masked-image latents (9-channel UNet; the init latents,
+        unused, for a 4-channel one, whose pipeline needs some)."""
+        if request.workflow not in ("img2img", "inpaint"):
+            return {}
+        assert request.init_image is not None
+        pixels = _pixels(request.init_image, device, dtype)
+        init = _batched(self._vae_encode(pixels), request.batch)
+        if request.workflow == "img2img":
+            return {"init": init}
+        assert request.mask is not None
+        mask = torch.from_numpy(np.ascontiguousarray(request.mask, dtype=np.float32))[None, None]
+        mask = mask.to(device=device, dtype=dtype)
+        if self.unet_in_channels == INPAINT_IN_CHANNELS:
+            # diffusers' conditioning image: the [-1, 1] image zeroed (grey) where repainted.
+            masked = _batched(self._vae_encode(pixels * (mask < 0.5)), request.batch)
+        else:
+            masked = init
+        return {"init": init, "mask": mask, "masked": masked}
+
+    def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE latents of ``pixels`` in ``[-1, 1]``: the distribution's mode (its mean), not a
+        sample, times the scaling factor — deterministic, as the original backend encodes."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels).latent_dist.mode()
+        return latents * vae.config.scaling_factor
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        """VAE decode and post-processing to float32 ``[batch, H, W, 3]`` in ``[0, 1]``, as
+        the pipelines do it (used where no pipeline step runs before the decode)."""
+        vae = self.pipe.vae
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        array = self.pipe.image_processor.postprocess(image.detach(), output_type="np")
+        return np.asarray(array, dtype=np.float32)
+
+    def _run(
+        self, pipe: DiffusionPipeline, timer: GenerationTimer, *, last_pass: bool, **kwargs: Any
+    ) -> tuple[Any, torch.Tensor]:
+        """Call ``pipe``, with ``timer.step()`` after each step; return (result, final latents).
+
+        On the last step of the last pass the callback ends ``denoise`` and begins ``decode``.
+        """
         final: dict[str, torch.Tensor] = {}
 
         def on_step_end(
-            pipeline: Any, index: int, _timestep: Any, kwargs: dict[str, Any]
+            pipeline: Any, index: int, _timestep: Any, tensors: dict[str, Any]
         ) -> dict[str, Any]:
             timer.step()
-            if index == len(pipeline.scheduler.timesteps) - 1:
-                final["latents"] = kwargs["latents"].detach().clone()
-                timer.end("denoise")
-                timer.begin("decode")
-            return kwargs
+            if index == pipeline.num_timesteps - 1:
+                final["latents"] = tensors["latents"].detach().clone()
+                if last_pass:
+                    timer.end("denoise")
+                    timer.begin("decode")
+            return tensors
 
-        sigmas = request.extra.get("sigmas")
-        timer.begin("denoise")
         result = pipe(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds if cfg else None,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=None if sigmas is not None else request.steps,
-            sigmas=None if sigmas is None else list(map(float, sigmas)),
-            guidance_scale=request.guidance,
-            latents=request.noise.to(device=device, dtype=prompt_embeds.dtype),
-            generator=generator,
-            output_type="np",
             callback_on_step_end=on_step_end,
             callback_on_step_end_tensor_inputs=["latents"],
+            **kwargs,
         )
-        timer.end("decode")
-        images = np.asarray(result.images, dtype=np.float32)
-        return Output(images=images, latents=final["latents"].float())
+        return result, final["latents"]
+
+    def _no_denoising(self, latents: torch.Tensor, timer: GenerationTimer) -> Output:
+        """No step left (strength 0): the output is the decoded start latents."""
+        timer.end("denoise")
+        timer.begin("decode")
+        return Output(images=self._decode(latents), latents=latents.detach().clone().float())
+
+    def _txt2img(self, request: Request, timer: GenerationTimer, common: dict[str, Any]) -> Output:
+        result, latents = self._run(
+            self.pipe,
+            timer,
+            last_pass=True,
+            height=request.height,
+            width=request.width,
+            latents=request.noise.to(device=self.pipe._execution_device, dtype=self.dtype),
+            output_type="np",
+            **common,
+        )
+        return Output(images=np.asarray(result.images, dtype=np.float32), latents=latents.float())
+
+    def _img2img(
+        self,
+        init: torch.Tensor,
+        noise: torch.Tensor,
+        strength: float,
+        total_steps: int,
+        timer: GenerationTimer,
+        common: dict[str, Any],
+    ) -> Output:
+        """An img2img pass from ``init`` latents (also the hires second pass)."""
+        if denoising_steps(total_steps, strength) == 0:
+            return self._no_denoising(init, timer)
+        pipe = self._pipeline("img2img")
+        with self._start_noise(pipe, noise):
+            result, latents = self._run(
+                pipe,
+                timer,
+                last_pass=True,
+                image=init,
+                strength=strength,
+                output_type="np",
+                **common,
+            )
+        return Output(images=np.asarray(result.images, dtype=np.float32), latents=latents.float())
+
+    def _inpaint(
+        self,
+        request: Request,
+        encoded: dict[str, torch.Tensor],
+        total_steps: int,
+        timer: GenerationTimer,
+        common: dict[str, Any],
+    ) -> Output:
+        if denoising_steps(total_steps, request.strength) == 0:
+            return self._no_denoising(encoded["init"], timer)
+        pipe = self._pipeline("inpaint")
+        with self._start_noise(pipe, request.noise):
+            result, latents = self._run(
+                pipe,
+                timer,
+                last_pass=True,
+                image=encoded["init"],
+                mask_image=encoded["mask"],
+                masked_image_latents=encoded["masked"],
+                height=request.height,
+                width=request.width,
+                strength=request.strength,
+                output_type="np",
+                **common,
+            )
+        return Output(images=np.asarray(result.images, dtype=np.float32), latents=latents.float())
+
+    def _hires(
+        self, request: Request, total_steps: int, timer: GenerationTimer, common: dict[str, Any]
+    ) -> Output:
+        assert request.hires_noise is not None
+        _, latents = self._run(
+            self.pipe,
+            timer,
+            last_pass=False,
+            height=request.height,
+            width=request.width,
+            latents=request.noise.to(device=self.pipe._execution_device, dtype=self.dtype),
+            output_type="latent",
+            **common,
+        )
+        size = tuple(request.hires_noise.shape[-2:])
+        upscaled = self._upscale(latents, request.hires_upscaler, (int(size[0]), int(size[1])))
+        return self._img2img(
+            upscaled, request.hires_noise, request.strength, total_steps, timer, common
+        )
+
+    def _upscale(self, latents: torch.Tensor, upscaler: str, size: tuple[int, int]) -> torch.Tensor:
+        """Latents upscaled to ``size`` (latent height, width) by the hires ``upscaler``."""
+        if upscaler == "latent":  # A1111's "Latent": bilinear, no antialiasing
+            return torch.nn.functional.interpolate(
+                latents, size=size, mode="bilinear", align_corners=False
+            )
+        if upscaler != "image":
+            raise ValueError(f"hires_upscaler {upscaler!r}: expected 'latent' or 'image'")
+        from PIL import Image
+
+        factor = self.vae_scale_factor
+        pictures = self.pipe.image_processor.numpy_to_pil(self._decode(latents))  # 8-bit RGB
+        resized = [
+            np.asarray(
+                picture.resize((size[1] * factor, size[0] * factor), Image.Resampling.LANCZOS),
+                dtype=np.float32,
+            )
+            / 255.0
+            for picture in pictures
+        ]
+        return torch.cat(
+            [self._vae_encode(_pixels(image, latents.device, latents.dtype)) for image in resized]
+        )
 
     def close(self) -> None:
         if hasattr(self.pipe, "remove_all_hooks"):
             self.pipe.remove_all_hooks()
+        self._workflow_pipes.clear()
         del self.pipe
+
+
+def _inpainting_model_problem(cell: Cell) -> str | None:
+    """A zoo inpainting model (9-channel UNet) runs only inpaint / outpaint here.
+
+    Other models are checked when loaded (:meth:`DiffusersSession._check_request`).
+    """
+    if cell.workflow in ("inpaint", "outpaint"):
+        return None
+    from models.specs import SPECS
+
+    spec = SPECS.get(cell.model)
+    if spec is None or spec.unet.get("in_channels") != INPAINT_IN_CHANNELS:
+        return None
+    return (
+        f"workflow {cell.workflow}: {cell.model} has a {INPAINT_IN_CHANNELS}-channel "
+        "inpainting UNet; diffusers runs it only in its inpaint pipeline"
+    )
 
 
 class DiffusersBackend(Backend):
     name = "diffusers"
+    #: CLIP's 77 positions; tokens past them are dropped (diffusers warns).
+    long_prompts = False
 
     def unsupported(self, cell: Cell, device: torch.device) -> str | None:
-        if cell.workflow != "txt2img":
-            return f"workflow {cell.workflow}: not implemented by the diffusers backend yet"
+        if cell.workflow not in CELL_WORKFLOWS:
+            return f"workflow {cell.workflow}: not implemented by the diffusers backend"
+        problem = _inpainting_model_problem(cell)
+        if problem is not None:
+            return problem
         if cell.offload != "none" and device.type != "cuda":
             mode = {"medvram": "model CPU offload", "lowvram": "sequential CPU offload"}
             return (
@@ -251,7 +899,7 @@ class DiffusersBackend(Backend):
             pipe = StableDiffusionPipeline.from_pretrained(str(model.path), **common)
         pipe.set_progress_bar_config(disable=True)
         self._configure(pipe, cell, device)
-        return DiffusersSession(pipe, device, dtype)
+        return DiffusersSession(pipe, device, dtype, cell.offload)
 
     @staticmethod
     def _configure(pipe: StableDiffusionPipeline, cell: Cell, device: torch.device) -> None:

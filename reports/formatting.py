@@ -10,6 +10,7 @@ Rounding rules (``docs/reports.md`` repeats them):
   run does not read ``0.00``.
 - GB: 1 decimal from 1 GB up (``6.7``), 2 decimals below (``0.43``).
 - seconds: 2 decimals; milliseconds: 1 decimal; relative changes: signed percent, 1 decimal.
+- PSNR: 1 decimal in dB, ``identical`` at 100 dB; relative errors: 3 significant digits.
 - a missing value is ``-``.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import PurePath
 from typing import Any
 
 MISSING = "-"
@@ -96,6 +98,51 @@ def text(value: Any) -> str:
     return str(value)
 
 
+#: The PSNR ``harness.conformance`` records for identical images (the true value is infinite).
+PSNR_IDENTICAL_DB = 100.0
+
+
+def psnr(value: Any) -> str:
+    """Image PSNR: ``19.7 dB``; ``identical`` at :data:`PSNR_IDENTICAL_DB`."""
+    v = number(value)
+    if v is None:
+        return MISSING
+    return "identical" if v >= PSNR_IDENTICAL_DB else f"{v:.1f} dB"
+
+
+def rel_error(value: Any) -> str:
+    """A relative error, 3 significant digits: ``3.1e-06``, ``0.709``, ``0``."""
+    v = number(value)
+    return MISSING if v is None else f"{v:.3g}"
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """The first line of a text, cut to ``limit`` characters with ``…``."""
+    lines = text(value).strip().splitlines()
+    first = lines[0] if lines else ""
+    return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"
+
+
+def extra_name(ref: str) -> str:
+    """``zoo:style`` -> ``style``; a file path -> its stem."""
+    ref = ref.strip()
+    return ref[4:] if ref.startswith("zoo:") else PurePath(ref).stem
+
+
+def lora_label(value: str) -> str:
+    """``zoo:style@0.5+zoo:detail@1`` -> ``style@0.5+detail@1``."""
+    parts = []
+    for part in value.split("+"):
+        ref, _, strength = part.strip().rpartition("@")
+        parts.append(f"{extra_name(ref)}@{strength}" if ref else extra_name(part))
+    return "+".join(parts)
+
+
+def embedding_label(value: str) -> str:
+    """``zoo:sbstyle+/x/tok.pt`` -> ``sbstyle+tok``."""
+    return "+".join(extra_name(part) for part in value.split("+"))
+
+
 def metric(name: str, value: Any) -> str:
     """A value of a results column by the column's unit (used for verdict rows)."""
     if name.endswith("_gb"):
@@ -121,6 +168,8 @@ FORMATTERS: dict[str, Callable[[Any], str]] = {
     "int": integer,
     "bool": yes_no,
     "text": text,
+    "db": psnr,
+    "rel": rel_error,
 }
 
 

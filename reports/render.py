@@ -5,6 +5,9 @@ cell details, failures, environments, charts, verdicts); :func:`render` hands it
 template. Templates only place values and call the formatting filters of
 :mod:`reports.formatting`; they do no arithmetic (STYLE.md habit 9).
 
+The conformance matrix and the parity table come from :mod:`reports.conformance`; both
+appear only when the results carry conformance data.
+
 The HTML is one file with no external resources: inline CSS, inline SVG charts, preview
 images as ``data:`` URIs, no scripts, no fonts, no links out. Everything that comes from
 users or backends (prompts, error messages, tracebacks, labels) is escaped by jinja2's
@@ -30,6 +33,7 @@ from reports.cells import (
     status_counts,
 )
 from reports.charts import BarChart, LineChart, its_charts, memory_chart
+from reports.conformance import Conformance, Outcome, ParityRow, build_conformance
 from reports.environment import EnvTable, environment_table, environments
 from reports.table import Row, Slot, Table, build_tables, latest_records
 from reports.verdicts import VerdictIndex, VerdictSummary, css_class, from_frame, summarize
@@ -69,6 +73,8 @@ class Report:
     baseline_runs: tuple[str, ...] = ()
     summary: VerdictSummary | None = None
     anchors: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: The conformance matrices and the parity table (empty without conformance data).
+    conformance: Conformance = field(default_factory=Conformance)
 
     @property
     def failures(self) -> tuple[CellDetail, ...]:
@@ -121,7 +127,8 @@ def build_report(
     sections = tuple(
         ScenarioSection(table, tuple(its_charts(table)), memory_chart(table)) for table in tables
     )
-    details = build_details(frame, resolve_image or image_resolver(image_root))
+    resolve = resolve_image or image_resolver(image_root)
+    details = build_details(frame, resolve)
     envs = environments(baseline, "baseline") + environments(frame, "current") \
         if baseline is not None else environments(frame)
     first, last = _timestamps(frame)
@@ -140,6 +147,7 @@ def build_report(
         baseline_runs=_runs(baseline),
         summary=summarize(verdict_list) if verdicts is not None else None,
         anchors={(d.scenario, d.cell_id): d.anchor for d in details},
+        conformance=build_conformance(frame, resolve),
     )
 
 
@@ -190,6 +198,56 @@ def md_memory(row: Row) -> str:
     return text
 
 
+def outcome_text(outcome: Outcome) -> str:
+    """A matrix slot's word: ``pass``, ``fail``, ``differs``, ``unsupported``, … ``-``."""
+    return formatting.MISSING if outcome.status == "none" else outcome.status
+
+
+def outcome_note(outcome: Outcome) -> str | None:
+    """What follows the word in parentheses: the metric of a difference (and of a parity
+    pass), the reason of a failure or of an unsupported cell, long-prompt behaviour."""
+    metric = None
+    if outcome.psnr_db is not None:
+        metric = f"PSNR {formatting.psnr(outcome.psnr_db)}, rel. error " \
+                 f"{formatting.rel_error(outcome.value)}"
+    elif outcome.value is not None:
+        metric = f"rel. error {formatting.rel_error(outcome.value)}"
+    if outcome.status == "pass":
+        if outcome.psnr_db is not None:
+            return f"PSNR {formatting.psnr(outcome.psnr_db)}"
+        return {"keeps": "keeps long prompts", "truncates": "truncates at 77 tokens"}.get(
+            outcome.behaviour or "")
+    if outcome.status == "differs":
+        return metric or (formatting.short(outcome.reason) if outcome.reason else None)
+    if outcome.status in ("fail", "unsupported") and outcome.reason:
+        prefix = f"{outcome.recorded}: " if outcome.recorded in ("oom", "timeout") else ""
+        return prefix + formatting.short(outcome.reason)
+    return None
+
+
+def outcome_title(outcome: Outcome) -> str:
+    """The hover text of a slot: the cell, the recorded status, the full detail."""
+    parts = [outcome.cell_id or "no cell"]
+    if outcome.recorded and outcome.recorded != outcome.status:
+        parts.append(f"recorded as {outcome.recorded}")
+    if outcome.reason:
+        parts.append(outcome.reason)
+    return " — ".join(parts)
+
+
+def md_outcome(outcome: Outcome) -> str:
+    """A slot for Markdown: ``fail (reason)``, ``differs (PSNR 19.7 dB, …)``."""
+    note = outcome_note(outcome)
+    return outcome_text(outcome) + (f" ({note})" if note else "")
+
+
+def parity_limits(row: ParityRow) -> str:
+    """``≤ 0.001, ≥ 40.0 dB``: the dtype's parity limits, ``-`` when unknown."""
+    if row.max_rel_err is None or row.min_psnr_db is None:
+        return formatting.MISSING
+    return f"≤ {formatting.rel_error(row.max_rel_err)}, ≥ {formatting.psnr(row.min_psnr_db)}"
+
+
 def _environment() -> Environment:
     env = Environment(
         loader=PackageLoader("reports", "templates"),
@@ -213,6 +271,12 @@ def _environment() -> Environment:
         md_slot=md_slot,
         md_memory=md_memory,
         verdict_class=css_class,
+        short=formatting.short,
+        outcome_text=outcome_text,
+        outcome_note=outcome_note,
+        outcome_title=outcome_title,
+        md_outcome=md_outcome,
+        parity_limits=parity_limits,
     )
     return env
 

@@ -4,7 +4,8 @@
 (so it is exactly what ``python -m harness run`` writes): the table of DESIGN.md (SD 1.5,
 512x512, batch 1–16, original and diffusers, offload none/medvram/lowvram, the safetensors
 source) plus a few CPU cells that did not run ok (error, oom, unsupported) and preview
-images. ``scale`` multiplies every it/s, so a second call makes a baseline or a slower run.
+images; optionally a conformance scenario (checks and cross-backend parity). ``scale``
+multiplies every it/s, so a second call makes a baseline or a slower run.
 :func:`sample_verdicts` gives a verdict frame in ``harness.compare``'s column contract.
 
 Run ``python -m reports.sample DIR`` to write a sample and render it to ``DIR/report.html``.
@@ -156,12 +157,14 @@ def write_sample(
     timestamp: str = "2025-01-01T00:00:00+00:00",
     failures: bool = True,
     images: bool = True,
+    conformance: bool = False,
 ) -> Path:
     """Write sample results to ``directory`` and return it (see the module docstring).
 
     ``scale`` multiplies every it/s; ``env`` replaces the environment; ``failures`` adds the
     CPU cells that error, run out of memory or are unsupported (with ``<script>`` in their
-    messages, to exercise escaping).
+    messages, to exercise escaping); ``conformance`` adds the ``conformance`` scenario of
+    :data:`CONFORMANCE_CELLS` (checks and parity on two backends).
     """
     from harness.results import Result, ResultStore
 
@@ -208,7 +211,111 @@ def write_sample(
             reason="sequential CPU offload needs an accelerator; this machine has none",
             env=environment, env_fingerprint=fingerprint, timestamp=timestamp,
         ))
+    if conformance:
+        _write_conformance(store, directory, run_id, environment, fingerprint, timestamp,
+                           images, scale)
     return directory
+
+
+#: The conformance sample: ``(cell id, axes, status, reason, checks, parity)`` per cell;
+#: ``checks`` maps a check name to ``(status, detail, value)``, ``parity`` is
+#: ``(reference cell id, latent rel. error, PSNR dB, status)``. It has one of each outcome:
+#: pass, fail (a failed check, a check that raised, a cell that errored), differs and
+#: unsupported, and reasons with ``<script>`` in them to exercise escaping.
+CONFORMANCE_CELLS: tuple[tuple[str, dict[str, Any], str, str | None,
+                               dict[str, tuple[str, str, float | None]],
+                               tuple[str, float, float, str] | None], ...] = (
+    ("original-txt2img-euler", {"backend": "original"}, "ok", None, {
+        "determinism": ("pass", "same seed twice: identical images", 0.0),
+        "long_prompt": ("pass", "keeps long prompts: tokens past 77 change the output "
+                                "(latent rel. error 0.0619)", 0.0619),
+    }, None),
+    ("diffusers-txt2img-euler", {}, "ok", None, {
+        "determinism": ("pass", "same seed twice: identical images", 0.0),
+        "long_prompt": ("pass", "truncates at 77 tokens: tokens past 77 change nothing", 0.0),
+    }, ("original-txt2img-euler", 3.0979e-06, 86.0153, "pass")),
+    ("original-txt2img-dpmpp_2m", {"backend": "original", "sampler": "dpmpp_2m"}, "ok", None, {
+        "determinism": ("pass", "same seed twice: identical images", 0.0),
+    }, None),
+    ("diffusers-txt2img-dpmpp_2m", {"sampler": "dpmpp_2m"}, "ok", None, {
+        "determinism": ("pass", "same seed twice: identical images", 0.0),
+    }, ("original-txt2img-dpmpp_2m", 0.70890, 19.6937, "differs")),
+    ("original-img2img", {"backend": "original", "workflow": "img2img", "strength": 0.5},
+     "unsupported", "img2img is <b>not</b> implemented <script>alert('unsupported')</script>",
+     {}, None),
+    ("diffusers-img2img", {"workflow": "img2img", "strength": 0.5}, "ok", None, {
+        "determinism": ("pass", "same seed twice: identical images", 0.0),
+        "img2img_strength0": ("differs", "strength 0: latents differ from the input's by 0.0123",
+                              0.0123),
+    }, None),
+    ("original-inpaint", {"backend": "original", "workflow": "inpaint",
+                          "model": "tiny-inpaint"},
+     "error", "ValueError: mask <script>alert('mask')</script> is 32x32, expected 64x64",
+     {}, None),
+    ("diffusers-inpaint", {"workflow": "inpaint", "model": "tiny-inpaint"}, "ok", None, {
+        "inpaint_keeps_unmasked": ("pass", "unmasked latents unchanged (rel. error 2e-07)", 2e-07),
+    }, None),
+    ("original-lora", {"backend": "original", "lora": "zoo:style@0.5+zoo:detail@1"}, "ok", None, {
+        "lora_strength0": ("pass", "strength 0 equals no LoRA (rel. error 0)", 0.0),
+        "lora_monotonic": ("pass", "distance from no LoRA grows with strength: 0.02, 0.04, 0.07",
+                           0.07),
+        "lora_merged": ("pass", "LoRAs at (0.5, 1) equal the weights merged by hand "
+                                "(latent rel. error 1e-06)", 1e-06),
+    }, None),
+    ("diffusers-lora", {"lora": "zoo:style@0.5+zoo:detail@1"}, "ok", None, {
+        "lora_strength0": ("pass", "strength 0 equals no LoRA (rel. error 0)", 0.0),
+        "lora_monotonic": ("fail", "distance from no LoRA at 0.25/0.5/1.0 not increasing: 0, 0, 0",
+                           0.0),
+        "lora_merged": ("differs", "LoRAs at (0.5, 1) differ from the merged weights by 0.618 "
+                                   "(relative)", 0.618),
+    }, ("original-lora", 2.1e-04, 41.23, "pass")),
+    ("original-embedding", {"backend": "original", "embedding": "zoo:sbstyle"}, "ok", None, {
+        "embedding_effect": ("pass", "trigger word(s) sbstyle change the output (rel. 0.2)", 0.2),
+        "embedding_by_hand": ("error", "KeyError: 'string_to_param' <script>alert('check')"
+                                       "</script>", None),
+    }, None),
+    ("diffusers-embedding", {"embedding": "zoo:sbstyle"}, "unsupported",
+     "textual inversion needs transformers' tokenizer <i>add_tokens</i>", {}, None),
+)
+
+
+def _write_conformance(store: Any, directory: Path, run_id: str, environment: dict[str, Any],
+                       fingerprint: str, timestamp: str, images: bool, scale: float) -> None:
+    """The ``conformance`` scenario of :data:`CONFORMANCE_CELLS` (tiny, CPU, fp32)."""
+    from harness.results import Result
+
+    base = {"model": "tiny", "device": "cpu", "dtype": "fp32", "width": 64, "height": 64,
+            "steps": 4, "source": "safetensors", "repeats": 1, "warmup": 0,
+            "checks": ("determinism", "semantics", "parity")}
+    for index, (cell_id, axes, status, reason, checks, parity) in enumerate(CONFORMANCE_CELLS):
+        cell = _cell("conformance", cell_id, **{**base, **axes})
+        if status != "ok":
+            store.append(Result(run_id=run_id, cell=cell, status=status, reason=reason,
+                                error_type="ValueError" if status == "error" else None,
+                                env=environment, env_fingerprint=fingerprint,
+                                timestamp=timestamp))
+            continue
+        metrics = metrics_for(8.0 * scale, 1, 4, 0.5, None)
+        metrics["output_shape"] = [1, 64, 64, 3]
+        found = {name: {"status": st, "detail": detail, "value": value}
+                 for name, (st, detail, value) in checks.items()}
+        if parity is not None:
+            ref, error, quality, verdict = parity
+            metrics.update(parity_ref=ref, parity_ref_backend="original",
+                           parity_latent_rel_err=error, parity_psnr_db=quality,
+                           parity_status=verdict)
+            found["parity"] = {
+                "status": verdict, "value": error,
+                "detail": f"vs {ref}: latent rel. error {error:.3g}, PSNR {quality:.1f} dB "
+                          f"(limits 0.001, 40 dB for fp32)",
+            }
+        metrics["checks"] = found
+        metrics["checks_failed"] = sum(c["status"] in ("fail", "error") for c in found.values())
+        if images:
+            metrics["image"] = f"images/conformance--{cell_id}.png"
+            _write_preview(directory, metrics["image"], (index * 37 + 11) % 256)
+        store.append(Result(run_id=run_id, cell=cell, status="ok", metrics=metrics,
+                            env=environment, env_fingerprint=fingerprint, timestamp=timestamp))
 
 
 def sample_verdicts() -> pd.DataFrame:
@@ -243,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m reports.sample DIR", file=sys.stderr)
         return 2
     out = Path(args[0])
-    current = write_sample(out / "current", run_id="current", scale=1.0)
+    current = write_sample(out / "current", run_id="current", scale=1.0, conformance=True)
     baseline = write_sample(out / "baseline", run_id="baseline", scale=1.03,
                             timestamp="2024-12-01T00:00:00+00:00")
     html = render(load(current), "html", baseline=load(baseline), verdicts=sample_verdicts(),

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports.formatting import number
+from reports.formatting import embedding_label, lora_label, number
 from reports.verdicts import SPEED_METRIC, Verdict, VerdictIndex
 
 #: Fields that define a row (a pipeline). Every cell axis but ``batch``, plus the scenario
@@ -34,6 +34,14 @@ ROW_FIELDS: tuple[str, ...] = (
     "source",
     "model",
     "workflow",
+    "strength",
+    "init_image",
+    "mask",
+    "outpaint_px",
+    "hires_scale",
+    "hires_upscaler",
+    "lora",
+    "embedding",
     "device",
     "dtype",
     "compile",
@@ -52,6 +60,16 @@ ROW_FIELDS: tuple[str, ...] = (
     "warmup",
     "env_fingerprint",
 )
+#: Workflow parameters and the workflows that use them (``harness.runner.request_for``); for
+#: the other workflows the value is an unused default, which labels leave out.
+WORKFLOW_PARAMS: dict[str, tuple[str, ...]] = {
+    "strength": ("img2img", "inpaint", "outpaint", "hires"),
+    "init_image": ("img2img", "inpaint", "outpaint"),
+    "mask": ("inpaint",),
+    "outpaint_px": ("outpaint",),
+    "hires_scale": ("hires",),
+    "hires_upscaler": ("hires",),
+}
 #: Preferred value order for row sorting; other fields sort by first appearance.
 _VALUE_ORDER: dict[str, tuple[Any, ...]] = {
     "offload": ("none", "medvram", "lowvram"),
@@ -164,13 +182,31 @@ def _ordinal(values: list[Any], value: Any) -> int:
     return values.index(value) + 1
 
 
-def _label(key: tuple[Any, ...], varying: set[str], distinct: dict[str, list[Any]]) -> str:
+def _labels(keys: Sequence[tuple[Any, ...]], varying: set[str],
+            distinct: dict[str, list[Any]]) -> dict[tuple[Any, ...], str]:
+    """Each key's label; short ones (see :func:`_label`) unless two of them would coincide."""
+    short = {key: _label(key, varying, distinct, brief=True) for key in keys}
+    if len(set(short.values())) == len(short):
+        return short
+    return {key: _label(key, varying, distinct) for key in keys}
+
+
+def _label(key: tuple[Any, ...], varying: set[str], distinct: dict[str, list[Any]],
+           brief: bool = False) -> str:
     """``diffusers medvram with safetensors (fp16, 30 steps)``.
 
     Every varying field appears spelled with its value (defaults included), so labels of
-    different keys always differ.
+    different keys always differ. ``brief`` leaves out what tells nothing apart in practice:
+    a workflow parameter of another workflow (the strength of a txt2img cell) and ``none``
+    LoRA / embedding (the rows that have one say so).
     """
     values = dict(zip(ROW_FIELDS, key, strict=True))
+    if brief:
+        varying = {
+            field for field in varying
+            if not (field in WORKFLOW_PARAMS and values["workflow"] not in WORKFLOW_PARAMS[field])
+            and not (field in ("lora", "embedding") and values[field] == "none")
+        }
     words = [str(values["backend"])]
     if values["offload"] not in (None, "none"):
         words.append(str(values["offload"]))
@@ -201,6 +237,18 @@ def _label(key: tuple[Any, ...], varying: set[str], distinct: dict[str, list[Any
             extras.append(f"{field} {value}")
         elif field in ("prompt", "negative_prompt"):
             extras.append(f"{field.replace('_', ' ')} #{_ordinal(distinct[field], value)}")
+        elif field == "lora":
+            extras.append("no LoRA" if value == "none" else f"LoRA {lora_label(str(value))}")
+        elif field == "embedding":
+            extras.append("no embedding" if value == "none"
+                          else f"embedding {embedding_label(str(value))}")
+        elif field in ("strength", "hires_scale", "outpaint_px"):
+            shown = f"{value:g}" if number(value) is not None else str(value)
+            extras.append(f"{field.replace('_', ' ')} {shown}")
+        elif field in ("init_image", "mask"):
+            extras.append(f"{field.replace('_', ' ')} {value}")
+        elif field == "hires_upscaler":
+            extras.append(f"{value} upscaler")
         elif field == "env_fingerprint":
             extras.append(f"env {str(value)[:8]}")
         else:
@@ -274,6 +322,7 @@ def _build_table(
         field: list(dict.fromkeys(key[index] for key in keys))
         for index, field in enumerate(ROW_FIELDS)
     }
+    labels = _labels(keys, varying, first_seen)
     rows: list[Row] = []
     for key in sorted(keys, key=lambda k: _sort_key(k, first_seen)):
         by_batch = groups[key]
@@ -287,7 +336,7 @@ def _build_table(
         cell_ids = [str(c["cell_id"]) for c in cells]
         rows.append(
             Row(
-                label=_label(key, varying, first_seen),
+                label=labels[key],
                 key=key,
                 slots=slots,
                 cpu_gb=_max([c.get("cpu_peak_gb") for c in ok_cells]),

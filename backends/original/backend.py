@@ -1,9 +1,17 @@
 """The original backend: LDM modules, k-diffusion samplers, A1111 memory modes.
 
 :class:`OriginalBackend` loads an original single file (``.safetensors`` / ``.ckpt``) into a
-:class:`~.ldm.LatentDiffusion` and returns an :class:`OriginalSession`, which generates
-txt2img the way the original A1111 / SD.Next backend does: chunked CLIP conditioning, a
-k-diffusion sampler over the discrete schedule (CFG inside the denoiser), VAE decode.
+:class:`~.ldm.LatentDiffusion` and returns an :class:`OriginalSession`, which generates the
+way the original A1111 / SD.Next backend does: chunked CLIP conditioning with textual
+inversion (:mod:`.text`), LoRA patched into the weights (:mod:`.lora`), a k-diffusion sampler
+over the discrete schedule (CFG inside the denoiser), VAE decode. Workflows
+(:mod:`.workflows`): txt2img; img2img and inpaint (latent masking; mask + masked-image
+channels for a 9-channel inpainting UNet) over the last ``int(steps * strength)`` sigmas from
+``init + noise * sigmas[0]``; hires fix (txt2img, upscale latents or image, img2img).
+
+Phases: ``encode`` = LoRA (re)patching when the set changed, prompt encoding and the VAE
+encode of the init image / inpaint conditioning; ``denoise`` = every sampler step (both hires
+passes and the upscale between them); ``decode`` = the final VAE decode.
 
 The hub folder (diffusers layout) is reported ``unsupported``: the original backend reads
 the single-file layout only, as A1111 does; the zoo and real releases both ship single files.
@@ -11,7 +19,9 @@ the single-file layout only, as A1111 does; the zoo and real releases both ship 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,9 +30,26 @@ from backends.base import TORCH_DTYPES, Backend, Output, Request, Session
 from backends.original.attention import set_attention, xformers_available
 from backends.original.checkpoint import load_latent_diffusion
 from backends.original.denoiser import CFGDenoiser, DiscreteEpsDenoiser
+from backends.original.lora import LoraPatcher, layer_names
 from backends.original.memory import ModuleSwapper, place
-from backends.original.samplers import NOT_IMPLEMENTED, SAMPLERS, build_sigmas
-from harness.errors import UnsupportedError
+from backends.original.samplers import (
+    NOT_IMPLEMENTED,
+    SAMPLERS,
+    build_sigmas,
+    img2img_steps,
+    truncate_sigmas,
+)
+from backends.original.workflows import (
+    INPAINT_EXTRA_CHANNELS,
+    encode,
+    image_tensor,
+    inpaint_conditioning,
+    latent_mask,
+    mask_tensor,
+    upscale_image,
+    upscale_latents,
+)
+from harness.errors import UnsupportedError, UserError
 from harness.vocabulary import split_sampler
 
 if TYPE_CHECKING:
@@ -31,6 +58,8 @@ if TYPE_CHECKING:
     from models.sources import ResolvedModel
 
 SINGLE_FILE_SOURCES: tuple[str, ...] = ("safetensors", "ckpt")
+#: Workflows a request may carry (the harness turns outpaint into inpaint on a larger canvas).
+WORKFLOWS: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "hires")
 _COMPILE_MODES: dict[str, str | None] = {
     "default": None,
     "reduce-overhead": "reduce-overhead",
@@ -52,10 +81,21 @@ class OriginalSession(Session):
         )
         self.latent_channels = self.ldm.latent_channels
         self.vae_scale_factor = self.ldm.vae_scale_factor
+        extra_channels = self.ldm.unet.config.in_channels - self.latent_channels
+        if extra_channels not in (0, INPAINT_EXTRA_CHANNELS):
+            raise UserError(
+                f"{model.path}: UNet input has {self.ldm.unet.config.in_channels} channels; "
+                f"the original backend runs {self.latent_channels} (regular) or "
+                f"{self.latent_channels + INPAINT_EXTRA_CHANNELS} (inpainting) only"
+            )
+        #: A 9-channel inpainting UNet: every denoising gets mask + masked-image channels.
+        self.inpainting_model = extra_channels == INPAINT_EXTRA_CHANNELS
         set_attention(self.ldm, cell.attention)
         if cell.channels_last:
             self.ldm.to(memory_format=torch.channels_last)
         self.swapper: ModuleSwapper | None = place(self.ldm, device, cell.offload)
+        self.lora = LoraPatcher(layer_names(self.ldm.unet, self.ldm.cond_stage_model.transformer))
+        self._embedding_files: dict[Path, torch.Tensor] = {}
         eps_model = self.ldm.unet
         if cell.compile != "none":
             eps_model = torch.compile(
@@ -66,9 +106,9 @@ class OriginalSession(Session):
 
     @torch.no_grad()
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
-        if request.workflow != "txt2img":
+        if request.workflow not in WORKFLOWS:
             raise UnsupportedError(
-                f"the original backend runs txt2img only, not {request.workflow}"
+                f"the original backend runs {', '.join(WORKFLOWS)}, not {request.workflow}"
             )
         base, karras = split_sampler(request.sampler)
         if base in NOT_IMPLEMENTED:
@@ -76,27 +116,23 @@ class OriginalSession(Session):
         text = self.ldm.cond_stage_model
         prompts = [request.prompt] * request.batch
         guided = request.guidance > 1.0
+        shape = tuple(request.noise.shape)
 
         with timer.phase("encode"):
+            self.lora.apply((ref.path, ref.strength) for ref in request.loras)
+            embeddings = self._embeddings(request)
             if guided:
                 negatives = [request.negative_prompt] * request.batch
-                cond, uncond = text.encode_pair(prompts, negatives)
+                cond, uncond = text.encode_pair(prompts, negatives, embeddings)
             else:
-                cond, uncond = text(prompts), None
+                cond, uncond = text(prompts, embeddings=embeddings), None
+            start = self._start(request, shape)
+        conditioning = {"cond": cond, "uncond": uncond, "cond_scale": request.guidance}
 
         with timer.phase("denoise"):
-            sigmas = build_sigmas(self.denoiser.inner, base, karras, request.steps)
-            x = request.noise.to(self.device, torch.float32) * sigmas[0]
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            latents = SAMPLERS[base](
-                self.denoiser,
-                x,
-                sigmas,
-                extra_args={"cond": cond, "uncond": uncond, "cond_scale": request.guidance},
-                callback=timer.step,
-                generator=torch.Generator().manual_seed(request.seed),
-            )
+            latents = self._denoise(request, request.noise, start, conditioning, timer)
+            if request.workflow == "hires":
+                latents = self._hires_pass(request, latents, conditioning, timer)
 
         with timer.phase("decode"):
             decoded = self.ldm.decode_first_stage(latents)
@@ -104,13 +140,134 @@ class OriginalSession(Session):
             images_np: np.ndarray = images.cpu().numpy()
         return Output(images=images_np, latents=latents.float().cpu())
 
+    # --- workflow steps ----------------------------------------------------------------------
+
+    def _embeddings(self, request: Request) -> dict[str, torch.Tensor]:
+        """Trigger word -> vectors of the request's embeddings (files read once per session)."""
+        from models import read_embedding
+
+        vectors: dict[str, torch.Tensor] = {}
+        for ref in request.embeddings:
+            if ref.vectors is not None:
+                vectors[ref.token] = ref.vectors.float()
+            elif ref.path is not None:
+                path = Path(ref.path)
+                if path not in self._embedding_files:
+                    self._embedding_files[path] = read_embedding(path)[1].float()
+                vectors[ref.token] = self._embedding_files[path]
+            else:
+                raise ValueError(f"embedding {ref.token!r} has neither a path nor vectors")
+        return vectors
+
+    def _start(self, request: Request, shape: tuple[int, ...]) -> _Start:
+        """What the first denoising starts from: the init latent, strength and masks."""
+        if request.workflow in ("txt2img", "hires"):
+            return _Start(image_cond=self._dummy_conditioning(shape))
+        if request.init_image is None:
+            raise UserError(f"{request.workflow} needs an init image; the request has none")
+        pixels = image_tensor(request.init_image, request.width, request.height, self.device)
+        init = encode(self.ldm, pixels).expand(shape[0], -1, -1, -1)
+        if request.workflow == "img2img":
+            return _Start(init, request.strength, image_cond=self._dummy_conditioning(shape))
+        if request.mask is None:
+            raise UserError("inpaint needs a mask; the request has none")
+        mask = mask_tensor(request.mask, request.width, request.height, self.device)
+        image_cond = None
+        if self.inpainting_model:
+            image_cond = inpaint_conditioning(self.ldm, shape, pixels, mask, self.device)
+        return _Start(init, request.strength, latent_mask(mask, shape[-2:]), image_cond)
+
+    def _dummy_conditioning(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if not self.inpainting_model:
+            return None
+        return inpaint_conditioning(self.ldm, shape, None, None, self.device)
+
+    def _denoise(
+        self,
+        request: Request,
+        noise: torch.Tensor,
+        start: _Start,
+        conditioning: dict[str, Any],
+        timer: GenerationTimer,
+        seed_offset: int = 0,
+    ) -> torch.Tensor:
+        """One sampler run: txt2img from ``noise``, or img2img / inpaint from the init latent
+        over the last ``int(steps * strength)`` sigmas, ``x = init + noise * sigmas[0]``.
+        Ancestral / SDE noise comes from a generator seeded ``request.seed + seed_offset``."""
+        base, karras = split_sampler(request.sampler)
+        steps = request.steps
+        sigmas = build_sigmas(self.denoiser.inner, base, karras, steps)
+        noise = noise.to(self.device, torch.float32)
+        options: dict[str, Any] = {}
+        extra = dict(conditioning, image_cond=start.image_cond)
+        if start.init is None:
+            x = noise * sigmas[0]
+        else:
+            sigmas = truncate_sigmas(sigmas, img2img_steps(steps, start.strength))
+            if len(sigmas) == 1:  # strength 0: nothing to denoise
+                return start.init.clone()
+            x = start.init + noise * sigmas[0]
+            if base == "ddim":
+                options["from_noise"] = False
+            if start.mask is not None:
+                extra.update(init_latent=start.init, mask=start.mask)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        latents = SAMPLERS[base](
+            self.denoiser,
+            x,
+            sigmas,
+            extra_args=extra,
+            callback=timer.step,
+            generator=torch.Generator().manual_seed(request.seed + seed_offset),
+            **options,
+        )
+        if start.init is not None and start.mask is not None:
+            latents = start.init * (1 - start.mask) + start.mask * latents
+        return latents
+
+    def _hires_pass(
+        self,
+        request: Request,
+        latents: torch.Tensor,
+        conditioning: dict[str, Any],
+        timer: GenerationTimer,
+    ) -> torch.Tensor:
+        """Upscale the first pass and run img2img on it at ``request.strength``."""
+        if request.hires_noise is None:
+            raise ValueError("a hires request needs hires_noise (the upscaled latent's noise)")
+        shape = tuple(request.hires_noise.shape)
+        if request.hires_upscaler == "latent":
+            upscaled = upscale_latents(latents, shape[-2:])
+        elif request.hires_upscaler == "image":
+            upscaled = upscale_image(self.ldm, latents, shape[-2:])
+        else:
+            raise UserError(
+                f"hires_upscaler must be 'latent' or 'image', got {request.hires_upscaler!r}"
+            )
+        start = _Start(upscaled, request.strength, image_cond=self._dummy_conditioning(shape))
+        return self._denoise(request, request.hires_noise, start, conditioning, timer, 1)
+
     def close(self) -> None:
+        self.lora.restore()
         if self.swapper is not None:
             self.swapper.remove()
         self.ldm.to("cpu")
         del self.denoiser, self.ldm
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a denoising starts: ``init`` None = from noise (txt2img); else img2img from the
+    init latent at ``strength``, kept outside ``mask`` (latent grid, 1 = repaint) if given;
+    ``image_cond`` is the 9-channel model's ``c_concat``."""
+
+    init: torch.Tensor | None = None
+    strength: float = 1.0
+    mask: torch.Tensor | None = None
+    image_cond: torch.Tensor | None = None
 
 
 class OriginalBackend(Backend):
@@ -126,11 +283,8 @@ class OriginalBackend(Backend):
                 f"the original backend loads single files (safetensors, ckpt); "
                 f"source {cell.source!r} is the diffusers folder layout"
             )
-        if cell.workflow != "txt2img":
-            return f"the original backend runs txt2img only, not {cell.workflow}"
-        for feature in ("lora", "embedding"):
-            if getattr(cell, feature, "none") != "none":
-                return f"{feature} is not implemented in the original backend yet"
+        if cell.workflow not in (*WORKFLOWS, "outpaint"):
+            return f"the original backend has no workflow {cell.workflow!r}"
         base, _karras = split_sampler(cell.sampler)
         if base in NOT_IMPLEMENTED:
             return NOT_IMPLEMENTED[base]

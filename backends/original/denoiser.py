@@ -11,6 +11,15 @@ where ``t(sigma)`` inverts ``sigma(t)`` by interpolating ``log sigma`` between t
 neighbouring timesteps (fractional ``t``; :meth:`DiscreteEpsDenoiser.sigma_to_t`).
 :class:`CFGDenoiser` runs cond and uncond in one batch and mixes the two denoised latents,
 ``uncond + guidance * (cond - uncond)``, as A1111's ``CFGDenoiser`` does.
+
+Two workflow hooks ride along in the samplers' ``extra_args``:
+
+- ``image_cond`` (``[B, 5, h, w]``: mask, masked-image latent) is concatenated to the
+  UNet's input channels after the ``c_in`` scaling, as LDM's ``DiffusionWrapper`` does with
+  ``c_concat`` for the 9-channel inpainting model (``LatentInpaintDiffusion``);
+- ``init_latent`` and ``mask`` (``[1 or B, 1, h, w]``, 1 = repaint) blend every denoised
+  estimate back to the init latent where the mask keeps it,
+  ``denoised = init * (1 - mask) + mask * denoised`` (A1111's latent-masking inpaint).
 """
 
 from __future__ import annotations
@@ -71,13 +80,29 @@ class DiscreteEpsDenoiser(nn.Module):
         log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
         return log_sigma.exp()
 
-    def get_eps(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The UNet's noise prediction at noise level ``sigma`` (VE ``x``)."""
+    def get_eps(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        context: torch.Tensor,
+        image_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The UNet's noise prediction at noise level ``sigma`` (VE ``x``); ``image_cond``
+        (unscaled) is appended to the scaled input's channels."""
         c_in = (1.0 / (sigma**2 + 1.0) ** 0.5)[:, None, None, None]
-        return self.eps_model(x * c_in, self.sigma_to_t(sigma), context).float()
+        x_in = x * c_in
+        if image_cond is not None:
+            x_in = torch.cat([x_in, image_cond.to(x_in.dtype)], dim=1)
+        return self.eps_model(x_in, self.sigma_to_t(sigma), context).float()
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return x - self.get_eps(x, sigma, context) * sigma[:, None, None, None]
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        context: torch.Tensor,
+        image_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return x - self.get_eps(x, sigma, context, image_cond) * sigma[:, None, None, None]
 
 
 class CFGDenoiser(nn.Module):
@@ -99,11 +124,21 @@ class CFGDenoiser(nn.Module):
         cond: torch.Tensor,
         uncond: torch.Tensor | None = None,
         cond_scale: float = 1.0,
+        image_cond: torch.Tensor | None = None,
+        init_latent: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if uncond is None or cond_scale <= 1.0:
-            return self.inner(x, sigma, cond)
-        x_in = torch.cat([x, x])
-        sigma_in = torch.cat([sigma, sigma])
-        denoised = self.inner(x_in, sigma_in, torch.cat([cond, uncond]))
-        cond_out, uncond_out = denoised.chunk(2)
-        return uncond_out + (cond_out - uncond_out) * cond_scale
+            denoised = self.inner(x, sigma, cond, image_cond)
+        else:
+            x_in = torch.cat([x, x])
+            sigma_in = torch.cat([sigma, sigma])
+            image_in = None if image_cond is None else torch.cat([image_cond, image_cond])
+            both = self.inner(x_in, sigma_in, torch.cat([cond, uncond]), image_in)
+            cond_out, uncond_out = both.chunk(2)
+            denoised = uncond_out + (cond_out - uncond_out) * cond_scale
+        if mask is not None:
+            if init_latent is None:
+                raise ValueError("mask needs init_latent (the latent the mask keeps)")
+            denoised = init_latent * (1 - mask) + mask * denoised
+        return denoised

@@ -122,6 +122,24 @@ def build_sigmas(
     return sigmas
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many of ``steps`` an img2img pass at denoising ``strength`` runs: ``int(steps *
+    strength)``, the last ones of the full schedule (A1111's ``t_enc``; diffusers'
+    ``init_timestep``). A1111 clamps strength to 0.999 and runs ``t_enc + 1`` sigmas; here
+    strength 0 runs nothing and 1 runs the whole schedule, so both backends agree."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    return min(int(steps * strength), steps)
+
+
+def truncate_sigmas(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """The tail of a schedule that runs its last ``steps`` steps (``steps + 1`` sigmas)."""
+    total = len(sigmas) - 1
+    if not 0 <= steps <= total:
+        raise ValueError(f"steps must be in [0, {total}], got {steps}")
+    return sigmas[total - steps :]
+
+
 # --- helpers -------------------------------------------------------------------------------
 
 
@@ -492,6 +510,7 @@ def sample_ddim(
     callback: Callback | None = None,
     disable: bool | None = None,
     generator: torch.Generator | None = None,
+    from_noise: bool = True,
 ) -> torch.Tensor:
     """Deterministic DDIM (eta 0) over :func:`ddim_sigmas`.
 
@@ -499,10 +518,13 @@ def sample_ddim(
     in the VE variable ``x / sqrt(a)``. CompVis DDIM starts from ``x_T = noise`` (VP) and ends
     at ``alphas_cumprod[0]``: so the VE start is ``noise * sqrt(1 + sigma_T^2)`` (``x`` arrives
     as ``noise * sigma_T`` like every sampler's and is rescaled here) and the result is
-    returned in VP form, as the original DDIM sampler returns it.
+    returned in VP form, as the original DDIM sampler returns it. With ``from_noise=False``
+    (img2img) ``x`` is already a VE latent, ``init + noise * sigmas[0]`` (CompVis'
+    ``stochastic_encode`` in the VE variable), and is not rescaled.
     """
     extra_args = extra_args or {}
-    x = x / sigmas[0] * (1 + sigmas[0] ** 2) ** 0.5
+    if from_noise:
+        x = x / sigmas[0] * (1 + sigmas[0] ** 2) ** 0.5
     x = sample_euler(model, x, sigmas, extra_args, callback, disable, generator)
     return x / (1 + sigmas[-1] ** 2) ** 0.5
 

@@ -1,0 +1,186 @@
+"""LoRA on the original backend, with the semantics of A1111's built-in Lora extension.
+
+**Files** (parsed by :func:`models.read_lora`): kohya / A1111 ``.safetensors`` with, per
+patched layer, ``<name>.lora_down.weight`` (``[rank, in]`` or ``[rank, in, kh, kw]``),
+``<name>.lora_up.weight`` (``[out, rank]`` or ``[out, rank, 1, 1]``) and optionally
+``<name>.alpha`` (scalar; default ``rank``). ``<name>`` is ``lora_unet_`` + a UNet module
+path with ``.`` written ``_``, in diffusers' naming
+(``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``, what kohya's sd-scripts
+writes) or in the LDM naming (``input_blocks_1_1_proj_in``), or ``lora_te_`` + a CLIP module
+path (``text_model_encoder_layers_0_self_attn_q_proj``).
+
+**Names**: :func:`layer_names` lists, for every ``Linear`` / ``Conv2d`` of the UNet and the
+text encoder, every kohya name that designates it. The diffusers name of an LDM module is
+found by running :func:`models.convert.unet_prefix_map` (diffusers -> original names, the map
+the zoo writes single files with) backwards, so the two namings cannot drift apart.
+
+**Patching** (:class:`LoraPatcher`): ``W += strength * (alpha / rank) * up @ down`` (a 1x1 up
+and a kxk down compose to ``up.flatten(1) @ down.flatten(1)`` reshaped to ``W``), computed in
+float32 on the weight's device and added once per layer (the deltas of several LoRAs summed
+first), so two LoRAs at (a, b) equal one file holding both. Before the first patch of a layer
+its weight is copied to the CPU; when the requested set of (file, strength) changes, every
+patched layer is restored from that copy exactly, then the new set applied. Zero strengths
+are skipped, so a LoRA at strength 0 leaves the model bit-identical. A key that names no
+layer, a shape that does not fit, or a file that is not a LoRA fails the request with a
+:class:`~harness.errors.UserError` naming the file and a few keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from harness.errors import UserError
+
+if TYPE_CHECKING:
+    from models import LoraLayer
+
+UNET_PREFIX = "lora_unet_"
+TEXT_PREFIX = "lora_te_"
+
+
+def read_lora_file(path: Path) -> dict[str, LoraLayer]:
+    """The layers of a kohya-format file by kohya name, parsed by the zoo's reader (one
+    parser for the whole project), plus the one restriction of this patcher."""
+    from models import read_lora
+
+    layers = read_lora(path)
+    for name, layer in layers.items():
+        if layer.up.ndim == 4 and tuple(layer.up.shape[2:]) != (1, 1):
+            raise UserError(
+                f"LoRA {path}: {name} has a {tuple(layer.up.shape[2:])} up kernel; only 1x1 "
+                "ups (kohya LoRA / LoCon) are supported"
+            )
+    return layers
+
+
+def layer_delta(layer: LoraLayer, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    """``strength * (alpha / rank) * up @ down`` in float32 on ``weight``'s device, shaped
+    like ``weight`` (the zoo's :meth:`LoraLayer.delta`, computed where the weight lives)."""
+    up = layer.up.to(weight.device, torch.float32).flatten(1)
+    down = layer.down.to(weight.device, torch.float32).flatten(1)
+    return (strength * layer.scale) * (up @ down).reshape(weight.shape)
+
+
+# --- names ---------------------------------------------------------------------------------
+
+
+def _diffusers_unet_config(unet: nn.Module) -> dict[str, object]:
+    """The fields of a diffusers UNet config that :func:`unet_prefix_map` reads, derived from
+    the LDM :class:`~.unet.UNetConfig` (attention at level ``l`` iff ``2**l`` is listed)."""
+    config = unet.config  # type: ignore[attr-defined]
+    levels = len(config.channel_mult)
+    attention = [2**level in config.attention_resolutions for level in range(levels)]
+    return {
+        "block_out_channels": [config.model_channels * m for m in config.channel_mult],
+        "layers_per_block": config.num_res_blocks,
+        "up_block_types": [
+            "CrossAttnUpBlock2D" if attention[levels - 1 - level] else "UpBlock2D"
+            for level in range(levels)
+        ],
+    }
+
+
+def unet_diffusers_names(unet: nn.Module) -> dict[str, str]:
+    """LDM module path -> diffusers module path, for the UNet's Linear and Conv2d layers."""
+    from models.convert import unet_prefix_map
+
+    entries = sorted(unet_prefix_map(_diffusers_unet_config(unet)), key=lambda e: -len(e[1]))
+    names = {}
+    for path, module in unet.named_modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        for hf_prefix, ldm_prefix, renames in entries:
+            if path != ldm_prefix and not path.startswith(ldm_prefix + "."):
+                continue
+            rest = path[len(ldm_prefix) + 1 :]
+            for hf_name, ldm_name in renames.items():
+                if rest == ldm_name or rest.startswith(ldm_name + "."):
+                    rest = hf_name + rest[len(ldm_name) :]
+                    break
+            names[path] = f"{hf_prefix}.{rest}" if rest else hf_prefix
+            break
+    return names
+
+
+def layer_names(unet: nn.Module, text_transformer: nn.Module) -> dict[str, nn.Module]:
+    """Every kohya layer name (without ``.lora_*`` suffix) -> the module it patches."""
+    table: dict[str, nn.Module] = {}
+    diffusers_names = unet_diffusers_names(unet)
+    for path, module in unet.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            table[UNET_PREFIX + path.replace(".", "_")] = module
+            if path in diffusers_names:
+                table[UNET_PREFIX + diffusers_names[path].replace(".", "_")] = module
+    flat = not hasattr(text_transformer, "text_model")  # transformers >= 5.6
+    for path, module in text_transformer.named_modules():
+        if isinstance(module, nn.Linear):
+            full = f"text_model.{path}" if flat else path
+            table[TEXT_PREFIX + full.replace(".", "_")] = module
+    return table
+
+
+# --- patching ------------------------------------------------------------------------------
+
+
+class LoraPatcher:
+    """Applies a set of (file, strength) to a model's weights and restores them exactly."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.layers = layers
+        self.applied: tuple[tuple[Path, float], ...] = ()
+        self._backup: dict[nn.Module, torch.Tensor] = {}
+        self._files: dict[Path, dict[str, LoraLayer]] = {}
+
+    def _read(self, path: Path) -> dict[str, LoraLayer]:
+        if path not in self._files:
+            layers = read_lora_file(path)
+            unknown = sorted(set(layers) - set(self.layers))
+            if unknown:
+                more = f", ... ({len(unknown) - 3} more)" if len(unknown) > 3 else ""
+                raise UserError(
+                    f"LoRA {path}: {len(unknown)} of {len(layers)} keys name no layer of this "
+                    f"model: {', '.join(unknown[:3])}{more}"
+                )
+            self._files[path] = layers
+        return self._files[path]
+
+    @torch.no_grad()
+    def apply(self, loras: Iterable[tuple[Path, float]]) -> None:
+        """Make the weights those of the base model plus ``loras`` (a no-op if unchanged)."""
+        wanted = tuple((Path(path), float(strength)) for path, strength in loras)
+        if wanted == self.applied:
+            return
+        files = [(path, self._read(path), strength) for path, strength in wanted]
+        self.restore()
+        deltas: dict[nn.Module, torch.Tensor] = {}
+        for path, layers, strength in files:
+            if strength == 0.0:
+                continue
+            for name, layer in layers.items():
+                module = self.layers[name]
+                weight = module.weight
+                if layer.up.shape[0] * layer.down[0].numel() != weight.numel():
+                    raise UserError(
+                        f"LoRA {path}: {name}: up {tuple(layer.up.shape)} @ down "
+                        f"{tuple(layer.down.shape)} does not fit weight {tuple(weight.shape)}"
+                    )
+                delta = layer_delta(layer, weight, strength)
+                deltas[module] = deltas[module] + delta if module in deltas else delta
+        for module, delta in deltas.items():
+            weight = module.weight
+            self._backup[module] = weight.detach().to("cpu", copy=True)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+        self.applied = wanted
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the original weights of every patched layer, bit for bit."""
+        for module, original in self._backup.items():
+            module.weight.copy_(original.to(module.weight.device))
+        self._backup.clear()
+        self.applied = ()
