@@ -148,7 +148,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "dpmpp_2m": (
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
-        False,
+        True,
     ),
     "dpmpp_sde": ("DPMSolverSDEScheduler", {}, True),
     "ddim": ("DDIMScheduler", {}, False),
@@ -171,8 +171,12 @@ def sampler_problem(sampler: str) -> str | None:
     return None
 
 
-def make_scheduler(sampler: str, base_config: dict[str, Any]) -> Any:
-    """A fresh scheduler for ``sampler`` built from the model's scheduler config."""
+def make_scheduler(sampler: str, base_config: dict[str, Any], seed: int = 0) -> Any:
+    """A fresh scheduler for ``sampler`` built from the model's scheduler config.
+
+    ``seed`` seeds the Brownian tree of ``dpmpp_sde``, which otherwise draws its seed from
+    torch's global RNG (a different image every time).
+    """
     import diffusers
 
     problem = sampler_problem(sampler)
@@ -185,6 +189,8 @@ def make_scheduler(sampler: str, base_config: dict[str, Any]) -> Any:
         config["timestep_spacing"] = "linspace"
     if karras:
         config["use_karras_sigmas"] = True
+    if base == "dpmpp_sde":
+        config["noise_sampler_seed"] = seed
     return getattr(diffusers, class_name).from_config(config)
 
 
@@ -326,7 +332,7 @@ class DiffusersSession(Session):
         self.latent_channels = int(pipe.vae.config.latent_channels)
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.unet_in_channels = int(pipe.unet.config.in_channels)
-        self._sampler: str | None = None
+        self._sampler: tuple[str, int] | None = None
         #: img2img / inpaint pipelines (``from_pipe``), built on first use.
         self._workflow_pipes: dict[str, DiffusionPipeline] = {}
         #: LoRA file (absolute) -> adapter name; kohya names of the adaptable modules.
@@ -337,10 +343,10 @@ class DiffusersSession(Session):
 
     # -- pipelines and scheduler ----------------------------------------------------------
 
-    def _use_sampler(self, sampler: str) -> None:
-        if sampler != self._sampler:
-            self.pipe.scheduler = make_scheduler(sampler, self.base_scheduler_config)
-            self._sampler = sampler
+    def _use_sampler(self, sampler: str, seed: int) -> None:
+        if (sampler, seed) != self._sampler:
+            self.pipe.scheduler = make_scheduler(sampler, self.base_scheduler_config, seed)
+            self._sampler = (sampler, seed)
 
     def _pipeline(self, kind: str) -> DiffusionPipeline:
         """The pipeline of ``kind`` (txt2img | img2img | inpaint) with the session's scheduler."""
@@ -594,7 +600,7 @@ class DiffusersSession(Session):
     @torch.no_grad()
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         self._check_request(request)
-        self._use_sampler(request.sampler)
+        self._use_sampler(request.sampler, request.seed)
         self._apply_loras(request.loras)
         self._apply_embeddings(request)
         pipe = self.pipe
@@ -658,6 +664,12 @@ class DiffusersSession(Session):
         else:
             masked = init
         return {"init": init, "mask": mask, "masked": masked}
+
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """The init latents of ``image`` as img2img / inpaint compute them, on the CPU."""
+        pixels = _pixels(image, self.pipe._execution_device, self.dtype)
+        return self._vae_encode(pixels).float().cpu()
 
     def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE latents of ``pixels`` in ``[-1, 1]``: the distribution's mode (its mean), not a

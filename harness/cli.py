@@ -38,7 +38,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for result in results:
         counts[result.status] = counts.get(result.status, 0) + 1
     summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-    print(f"{len(results)} cells: {summary}; results in {runner.store.path if runner.store else '-'}")
+    print(
+        f"{len(results)} cells: {summary}; results in {runner.store.path if runner.store else '-'}"
+    )
     return EXIT_FAILED if any_failed(results) else EXIT_OK
 
 
@@ -90,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("scenarios", nargs="+", type=Path, metavar="SCENARIO")
     run.add_argument("--out", type=Path, default=Path("results"), help="results directory")
     run.add_argument(
-        "--select", nargs="+", default=[], metavar="TEXT",
+        "--select",
+        nargs="+",
+        default=[],
+        metavar="TEXT",
         help="only cells whose id (file::cell) contains every TEXT",
     )
     run.add_argument("--quiet", action="store_true", help="no progress output")
@@ -102,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", type=Path, default=None, help="output file (- = stdout)")
     report.add_argument("--format", choices=("html", "md"), default="html")
     report.add_argument(
-        "--baseline", type=Path, default=None, metavar="PATH",
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="PATH",
         help="baseline (results dir, .jsonl or baselines root): adds verdicts, deltas, charts",
     )
     report.set_defaults(handler=_cmd_report)

@@ -153,13 +153,20 @@ def check_long_prompt(ctx: CheckContext) -> Check:
     equal, error = ctx.same(b, a)
     if ctx.backend.long_prompts:
         if not equal:
-            return Check("pass", f"keeps long prompts: tokens past 77 change the output "
-                         f"(latent rel. error {error:.3g})", error)
+            return Check(
+                "pass",
+                f"keeps long prompts: tokens past 77 change the output "
+                f"(latent rel. error {error:.3g})",
+                error,
+            )
         return Check("fail", "claims long prompts, but tokens past 77 change nothing", error)
     if equal:
         return Check("pass", "truncates at 77 tokens: tokens past 77 change nothing", error)
-    return Check("fail", f"claims to truncate, but tokens past 77 change the output "
-                 f"(latent rel. error {error:.3g})", error)
+    return Check(
+        "fail",
+        f"claims to truncate, but tokens past 77 change the output (latent rel. error {error:.3g})",
+        error,
+    )
 
 
 def _init_latents(ctx: CheckContext) -> torch.Tensor:
@@ -173,7 +180,9 @@ def check_img2img_strength0(ctx: CheckContext) -> Check:
     init = _init_latents(ctx).expand_as(output.latents.to("cpu"))
     error = relative_error(output.latents, init)
     if error <= ctx.tolerance:
-        return Check("pass", f"strength 0 returns the input latents (rel. error {error:.3g})", error)
+        return Check(
+            "pass", f"strength 0 returns the input latents (rel. error {error:.3g})", error
+        )
     return Check("differs", f"strength 0: latents differ from the input's by {error:.3g}", error)
 
 
@@ -223,8 +232,9 @@ def check_lora_monotonic(ctx: CheckContext) -> Check:
     shown = ", ".join(f"{d:.3g}" for d in distances)
     if distances[0] > 0 and distances[0] < distances[1] < distances[2]:
         return Check("pass", f"distance from no LoRA grows with strength: {shown}", distances[2])
-    return Check("fail", f"distance from no LoRA at 0.25/0.5/1.0 not increasing: {shown}",
-                 distances[2])
+    return Check(
+        "fail", f"distance from no LoRA at 0.25/0.5/1.0 not increasing: {shown}", distances[2]
+    )
 
 
 def check_lora_merged(ctx: CheckContext, load_merged: Callable[[Path], Session]) -> Check:
@@ -246,10 +256,17 @@ def check_lora_merged(ctx: CheckContext, load_merged: Callable[[Path], Session])
     limit = PARITY_THRESHOLDS[ctx.cell.dtype][0]
     strengths = ", ".join(f"{ref.strength:g}" for ref in ctx.request.loras)
     if error <= limit:
-        return Check("pass", f"LoRAs at ({strengths}) equal the weights merged by hand "
-                     f"(latent rel. error {error:.3g})", error)
-    return Check("differs", f"LoRAs at ({strengths}) differ from the merged weights by "
-                 f"{error:.3g} (relative)", error)
+        return Check(
+            "pass",
+            f"LoRAs at ({strengths}) equal the weights merged by hand "
+            f"(latent rel. error {error:.3g})",
+            error,
+        )
+    return Check(
+        "differs",
+        f"LoRAs at ({strengths}) differ from the merged weights by {error:.3g} (relative)",
+        error,
+    )
 
 
 def check_embedding_effect(ctx: CheckContext) -> Check:
@@ -274,8 +291,9 @@ def check_embedding_by_hand(ctx: CheckContext) -> Check:
     output = ctx.generate(dataclasses.replace(ctx.request, embeddings=tuple(by_hand)))
     equal, error = ctx.same(output, ctx.output)
     if equal:
-        return Check("pass", f"vectors put in by hand give the same image (rel. {error:.3g})",
-                     error)
+        return Check(
+            "pass", f"vectors put in by hand give the same image (rel. {error:.3g})", error
+        )
     return Check("fail", f"vectors put in by hand differ from the file's by {error:.3g}", error)
 
 
@@ -327,15 +345,25 @@ def run_checks(ctx: CheckContext, load_merged: Callable[[Path], Session]) -> dic
 
 #: Cell fields that do not enter the parity key: who runs it and from which file layout.
 _NOT_IN_PARITY_KEY = frozenset(
-    {"backend", "source", "id", "scenario_path", "scenario_fingerprint", "checks", "repeats",
-     "warmup", "timeout_s"}
+    {
+        "backend",
+        "source",
+        "id",
+        "scenario_path",
+        "scenario_fingerprint",
+        "checks",
+        "repeats",
+        "warmup",
+        "timeout_s",
+    }
 )
 
 
 def parity_key(cell: Cell) -> tuple[Any, ...]:
     """Cells with equal keys on different backends should produce the same image."""
     return tuple(
-        (name, value) for name, value in sorted(cell.to_dict().items())
+        (name, value)
+        for name, value in sorted(cell.to_dict().items())
         if name not in _NOT_IN_PARITY_KEY
     )
 
@@ -380,8 +408,10 @@ class ParityTracker:
         quality = psnr(images, reference.images)
         max_error, min_psnr = PARITY_THRESHOLDS[cell.dtype]
         ok = error <= max_error and quality >= min_psnr
-        detail = (f"vs {reference.cell.id}: latent rel. error {error:.3g}, PSNR {quality:.1f} dB "
-                  f"(limits {max_error:g}, {min_psnr:g} dB for {cell.dtype})")
+        detail = (
+            f"vs {reference.cell.id}: latent rel. error {error:.3g}, PSNR {quality:.1f} dB "
+            f"(limits {max_error:g}, {min_psnr:g} dB for {cell.dtype})"
+        )
         return {
             "parity_ref": reference.cell.id,
             "parity_ref_backend": reference.cell.backend,

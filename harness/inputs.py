@@ -108,7 +108,9 @@ def parse_loras(spec: str, model: str) -> tuple[LoraRef, ...]:
     refs = []
     for part in spec.split("+"):
         reference, strength = part.strip().rsplit("@", 1)
-        refs.append(LoraRef(path=_resolve_extra(reference, "lora", model), strength=float(strength)))
+        refs.append(
+            LoraRef(path=_resolve_extra(reference, "lora", model), strength=float(strength))
+        )
     return tuple(refs)
 
 

@@ -179,6 +179,18 @@ class Cell:
         return cls(**values)
 
     @property
+    def denoise_steps(self) -> int:
+        """Denoising steps one generation runs: img2img-like workflows run
+        ``int(steps * strength)`` (the rule both backends follow), the hires fix a full first
+        pass plus such a second pass. The ``steps`` of ``batch × steps / wall``."""
+        partial = min(int(self.steps * self.strength), self.steps)
+        if self.workflow in ("img2img", "inpaint", "outpaint"):
+            return partial
+        if self.workflow == "hires":
+            return self.steps + partial
+        return self.steps
+
+    @property
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the images the cell produces."""
         if self.workflow == "outpaint":

@@ -310,7 +310,7 @@ class Measurement:
             "its": statistics.median(its),
             "its_min": min(its),
             "its_max": max(its),
-            "its_cv": statistics.pstdev(its) / mean_its if len(its) > 1 else 0.0,
+            "its_cv": statistics.pstdev(its) / mean_its if len(its) > 1 and mean_its else 0.0,
             "its_repeats": its,
             "denoise_its": statistics.median(denoise) if denoise else None,
             "denoise_its_repeats": denoise,

@@ -277,8 +277,12 @@ class Runner:
                 None,
                 0.0,
                 None,
-                failure=(failed.status, f"load failed: {failed.reason}", failed.error_type,
-                         failed.traceback),
+                failure=(
+                    failed.status,
+                    f"load failed: {failed.reason}",
+                    failed.error_type,
+                    failed.traceback,
+                ),
             )
         return self._loaded
 
@@ -315,7 +319,7 @@ class Runner:
                 timeout = None
         measurement = Measurement.from_timings(
             batch=cell.batch,
-            steps=cell.steps,
+            steps=cell.denoise_steps,
             timings=timings,
             first_call_s=first_call[0],
             load_s=loaded.load_s,
@@ -324,6 +328,7 @@ class Runner:
         )
         metrics = measurement.summary()
         metrics["repeats_done"] = len(timings)
+        metrics["denoise_steps"] = cell.denoise_steps
         checks = output_checks(outputs[-1], cell)
         metrics.update(checks)
         if self.save_images and self.out_dir is not None:
@@ -406,14 +411,20 @@ def _progress_line(index: int, total: int, result: Result) -> str:
         metrics = result.metrics
         gpu = metrics.get("gpu_allocated_peak_gb")
         gpu_text = f" gpu {gpu:.2f} GB" if gpu is not None else ""
-        line = f"{head}  ok  {metrics['its']:.2f} it/s  cpu {metrics['cpu_peak_gb']:.2f} GB{gpu_text}"
+        line = (
+            f"{head}  ok  {metrics['its']:.2f} it/s  cpu {metrics['cpu_peak_gb']:.2f} GB{gpu_text}"
+        )
         if "parity_psnr_db" in metrics:
-            line += (f"  parity vs {metrics['parity_ref_backend']}: "
-                     f"{metrics['parity_psnr_db']:.1f} dB {metrics['parity_status']}")
+            line += (
+                f"  parity vs {metrics['parity_ref_backend']}: "
+                f"{metrics['parity_psnr_db']:.1f} dB {metrics['parity_status']}"
+            )
         checks = metrics.get("checks") or {}
         if checks:
             passed = sum(check["status"] == "pass" for check in checks.values())
-            failed = [name for name, check in checks.items() if check["status"] in ("fail", "error")]
+            failed = [
+                name for name, check in checks.items() if check["status"] in ("fail", "error")
+            ]
             line += f"  checks {passed}/{len(checks)} pass"
             if failed:
                 line += f" (failed: {', '.join(failed)})"

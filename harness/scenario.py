@@ -90,15 +90,15 @@ def _check_embedding(value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError(f"expected 'none' or 'FILE[+FILE...]', got {value!r}")
     if value != "none" and not all(re.fullmatch(_EXTRA_REF, p.strip()) for p in value.split("+")):
-        raise ValueError(f"expected 'none' or 'FILE[+FILE...]' (e.g. zoo:tiny-token), got {value!r}")
+        raise ValueError(
+            f"expected 'none' or 'FILE[+FILE...]' (e.g. zoo:tiny-token), got {value!r}"
+        )
     return value
 
 
 def _check_backend(value: Any) -> Any:
     if value not in KNOWN_BACKENDS:
-        raise ValueError(
-            f"unknown backend {value!r}; expected one of {', '.join(KNOWN_BACKENDS)}"
-        )
+        raise ValueError(f"unknown backend {value!r}; expected one of {', '.join(KNOWN_BACKENDS)}")
     return value
 
 
@@ -265,8 +265,9 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
 def parse_scenario(data: Any, path: str = "<memory>") -> Scenario:
     """Validate already-parsed YAML/JSON data; raise :class:`UserError` with one line."""
     if not isinstance(data, dict):
-        raise UserError(f"{path}: <top level>: expected a mapping of scenario fields, got "
-                        f"{type(data).__name__}")
+        raise UserError(
+            f"{path}: <top level>: expected a mapping of scenario fields, got {type(data).__name__}"
+        )
     if "name" not in data:
         data = {"name": Path(path).stem if path != "<memory>" else "scenario", **data}
     try:

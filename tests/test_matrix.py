@@ -103,3 +103,15 @@ def test_cell_defaults_agree_with_the_schema() -> None:
     for field in fields(Cell):
         if field.name in AXES and field.default is not MISSING:
             assert field.default == AXES[field.name][1], field.name
+
+
+def test_denoise_steps_follow_the_workflow() -> None:
+    cells = _expand(
+        {
+            "steps": 10,
+            "strength": 0.55,
+            "workflow": ["txt2img", "img2img", "inpaint", "outpaint", "hires"],
+        }
+    )
+    assert [c.denoise_steps for c in cells] == [10, 5, 5, 5, 15]
+    assert [c.output_size for c in cells][-2:] == [(576, 576), (1024, 1024)]

@@ -159,6 +159,12 @@ class OriginalSession(Session):
                 raise ValueError(f"embedding {ref.token!r} has neither a path nor vectors")
         return vectors
 
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """The init latents of ``image`` as img2img / inpaint compute them, on the CPU."""
+        pixels = image_tensor(image, image.shape[1], image.shape[0], self.device)
+        return encode(self.ldm, pixels).cpu()
+
     def _start(self, request: Request, shape: tuple[int, ...]) -> _Start:
         """What the first denoising starts from: the init latent, strength and masks."""
         if request.workflow in ("txt2img", "hires"):
