@@ -38,7 +38,7 @@ from scipy.special import comb
 from harness import environment
 from harness.errors import UserError
 from harness.options import DEFAULT_ALPHA
-from harness.scenario import Thresholds
+from harness.scenario import AXES, Thresholds
 
 MetricKind = Literal["speed", "memory", "load"]
 
@@ -64,26 +64,14 @@ VERDICTS: tuple[str, ...] = (
     "not comparable",
 )
 
-#: Cell fields that define the workload; a difference makes two records not comparable.
+#: Cell fields that define the workload (every axis, with the resolution as width and height,
+#: and the prompts); a difference makes two records not comparable.
 WORKLOAD_FIELDS: tuple[str, ...] = (
-    "backend",
-    "model",
-    "source",
-    "workflow",
-    "device",
-    "dtype",
-    "offload",
-    "compile",
-    "fullgraph",
-    "attention",
-    "channels_last",
-    "sampler",
+    *(axis for axis in AXES if axis != "resolution"),
     "width",
     "height",
-    "steps",
-    "guidance",
-    "seed",
-    "batch",
+    "prompt",
+    "negative_prompt",
 )
 
 

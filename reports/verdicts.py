@@ -15,17 +15,10 @@ from typing import Any
 
 import pandas as pd
 
+from harness.compare import COLUMNS as VERDICT_COLUMNS
+from harness.compare import VERDICTS  # every verdict, in the order the summary lists them
 from reports.formatting import number
 
-#: Every verdict ``compare`` gives, in the order the summary lists them.
-VERDICTS: tuple[str, ...] = (
-    "regression",
-    "improvement",
-    "unchanged",
-    "new",
-    "missing",
-    "not comparable",
-)
 #: Which verdict colours a table slot that has several (most severe first).
 SEVERITY: tuple[str, ...] = (
     "regression",
@@ -48,18 +41,6 @@ METRIC_LABELS: dict[str, str] = {
     "load_s": "load time",
 }
 
-VERDICT_COLUMNS: tuple[str, ...] = (
-    "scenario",
-    "cell_id",
-    "metric",
-    "baseline",
-    "current",
-    "change",
-    "verdict",
-    "p_value",
-    "threshold",
-    "note",
-)
 
 
 def _text(value: Any) -> str | None:
