@@ -99,12 +99,9 @@ first-order sampler). LoRA / embedding files are loaded inside the generation be
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -113,12 +110,11 @@ import torch
 from backends.base import (
     TORCH_DTYPES,
     Backend,
-    EmbeddingRef,
-    LoraRef,
     Output,
     Request,
     Session,
 )
+from backends.diffusers_features import LoraAdapters, TextualInversions
 from harness.errors import UnsupportedError, UserError
 from harness.vocabulary import split_sampler
 
@@ -134,8 +130,6 @@ WORKFLOWS: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "hires")
 INPAINT_IN_CHANNELS = 9
 #: The workflows a cell may name (the harness turns outpaint into inpaint).
 CELL_WORKFLOWS: tuple[str, ...] = (*WORKFLOWS, "outpaint")
-#: Key prefixes of kohya / A1111 LoRA files (``lora_te1_`` / ``lora_te2_`` are SDXL's).
-KOHYA_PREFIXES: tuple[str, ...] = ("lora_unet_", "lora_te")
 
 #: sampler base name -> (scheduler class name, extra config, k-diffusion style spacing)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -229,76 +223,6 @@ def denoising_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
-def lora_adapter_name(path: Path) -> str:
-    """A stable adapter name for a LoRA file: its stem (made a valid module name) and a hash
-    of its absolute path, so two files with the same stem do not collide."""
-    stem = re.sub(r"\W", "_", path.stem)
-    digest = hashlib.sha1(str(path.expanduser().resolve()).encode()).hexdigest()[:8]
-    return f"{stem}_{digest}"
-
-
-def kohya_module_names(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> set[str]:
-    """The kohya names (``lora_unet_…`` / ``lora_te_text_model_…``) of the modules a LoRA
-    can adapt: Linear and Conv2d layers, diffusers module path with ``.`` → ``_``.
-
-    transformers ≥ 5.6 flattened ``CLIPTextModel`` (no ``text_model.`` level), while kohya
-    files name its modules ``text_model_…`` either way.
-    """
-    adaptable = (torch.nn.Linear, torch.nn.Conv2d)
-    names = {
-        "lora_unet_" + name.replace(".", "_")
-        for name, module in unet.named_modules()
-        if isinstance(module, adaptable)
-    }
-    text_prefix = "lora_te_" if hasattr(text_encoder, "text_model") else "lora_te_text_model_"
-    names.update(
-        text_prefix + name.replace(".", "_")
-        for name, module in text_encoder.named_modules()
-        if isinstance(module, adaptable)
-    )
-    return names
-
-
-def _kohya_wrapped(model: torch.nn.Module, adapter: str, prefix: str) -> set[str]:
-    """kohya names of the modules of ``model`` that carry LoRA ``adapter`` (peft layers)."""
-    return {
-        prefix + name.replace(".", "_")
-        for name, module in model.named_modules()
-        if adapter in getattr(module, "lora_A", {})
-    }
-
-
-def _lora_key_names(path: Path) -> list[str]:
-    """The tensor names of a LoRA file (without reading the tensors)."""
-    from safetensors import safe_open
-
-    if path.suffix.lower() != ".safetensors":
-        raise UserError(f"LoRA '{path}': expected a kohya .safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
-        raise UserError(
-            f"LoRA '{path}': cannot be read ({type(error).__name__}: {error})"
-        ) from None
-
-
-def _few(names: list[str] | set[str], count: int = 3) -> str:
-    ordered = sorted(names)
-    more = f" (+{len(ordered) - count} more)" if len(ordered) > count else ""
-    return ", ".join(ordered[:count]) + more
-
-
-def _source_key(ref: EmbeddingRef) -> str:
-    """What identifies an embedding's source: its file, or a hash of the vectors given."""
-    if ref.path is not None:
-        return f"file:{Path(ref.path).expanduser().resolve()}"
-    if ref.vectors is None:
-        raise ValueError(f"embedding {ref.token!r}: neither path nor vectors given")
-    data = ref.vectors.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return f"vectors:{tuple(ref.vectors.shape)}:{hashlib.sha1(data).hexdigest()}"
-
-
 def _pixels(image: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``[H, W, 3]`` in ``[0, 1]`` → ``[1, 3, H, W]`` in ``[-1, 1]`` (the VAE's input range)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
@@ -335,11 +259,8 @@ class DiffusersSession(Session):
         self._sampler: tuple[str, int] | None = None
         #: img2img / inpaint pipelines (``from_pipe``), built on first use.
         self._workflow_pipes: dict[str, DiffusionPipeline] = {}
-        #: LoRA file (absolute) -> adapter name; kohya names of the adaptable modules.
-        self._loras: dict[Path, str] = {}
-        self._kohya_names: set[str] | None = None
-        #: trigger word -> (source key, every token it added to the tokenizer).
-        self._embeddings: dict[str, tuple[str, list[str]]] = {}
+        self.loras = LoraAdapters(pipe)
+        self.embeddings = TextualInversions(pipe)
 
     # -- pipelines and scheduler ----------------------------------------------------------
 
@@ -435,136 +356,6 @@ class DiffusersSession(Session):
         finally:
             del pipe.prepare_latents  # the class's method again
 
-    # -- LoRA ------------------------------------------------------------------------------
-
-    def _apply_loras(self, loras: tuple[LoraRef, ...]) -> None:
-        """Load the request's LoRA files (once per session) and activate them at their
-        strengths; with none, disable every adapter (the base model's exact output)."""
-        pipe = self.pipe
-        if not loras:
-            if self._loras:
-                pipe.disable_lora()
-            return
-        weights: dict[str, float] = {}
-        for ref in loras:
-            name = self._load_lora(Path(ref.path))
-            weights[name] = weights.get(name, 0.0) + float(ref.strength)
-        pipe.enable_lora()
-        pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
-
-    def _load_lora(self, path: Path) -> str:
-        key = path.expanduser().resolve()
-        name = self._loras.get(key)
-        if name is not None:
-            return name
-        name = lora_adapter_name(path)
-        expected = self._check_kohya_keys(path, _lora_key_names(path))
-        try:
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, OSError) as error:
-            self._drop_adapter(name)
-            first = (str(error).strip().splitlines() or [""])[0][:200]
-            raise UserError(
-                f"LoRA '{path}': diffusers cannot load it ({type(error).__name__}: {first})"
-            ) from error
-        applied = self._wrapped_modules(name)
-        missing = expected - applied
-        if missing or not applied:
-            self._drop_adapter(name)
-            what = _few(missing) if missing else "no module at all"
-            raise UserError(
-                f"LoRA '{path}': diffusers did not apply {len(missing) or 'any'} of its "
-                f"modules: {what}"
-            )
-        self._loras[key] = name
-        return name
-
-    def _check_kohya_keys(self, path: Path, keys: list[str]) -> set[str]:
-        """The kohya module names of a file's keys, checked against the model.
-
-        diffusers and peft only warn about keys that name no module; here they are an error.
-        A file without kohya keys (a diffusers / peft LoRA) is left to diffusers (and to the
-        check after loading that it adapted at least one module).
-        """
-        kohya = [key for key in keys if key.startswith(KOHYA_PREFIXES)]
-        if not kohya:
-            return set()
-        others = [key for key in keys if not key.startswith(KOHYA_PREFIXES)]
-        if others:
-            raise UserError(
-                f"LoRA '{path}': keys outside the kohya layout (lora_unet_… / lora_te_…): "
-                f"{_few(others)}"
-            )
-        if self._kohya_names is None:
-            self._kohya_names = kohya_module_names(self.pipe.unet, self.pipe.text_encoder)
-        names = {key.split(".", 1)[0] for key in kohya}
-        unknown = names - self._kohya_names
-        if unknown:
-            bad_keys = [key for key in kohya if key.split(".", 1)[0] in unknown]
-            raise UserError(
-                f"LoRA '{path}': {len(unknown)} of its {len(names)} modules name nothing in "
-                f"this model: {_few(bad_keys)}"
-            )
-        return names
-
-    def _wrapped_modules(self, adapter: str) -> set[str]:
-        """kohya names of the modules that carry ``adapter`` after loading."""
-        text_encoder = self.pipe.text_encoder
-        text_prefix = "lora_te_" if hasattr(text_encoder, "text_model") else "lora_te_text_model_"
-        return _kohya_wrapped(self.pipe.unet, adapter, "lora_unet_") | _kohya_wrapped(
-            text_encoder, adapter, text_prefix
-        )
-
-    def _drop_adapter(self, name: str) -> None:
-        loaded = {n for names in self.pipe.get_list_adapters().values() for n in names}
-        if name in loaded:
-            self.pipe.delete_adapters(name)
-
-    # -- textual inversion -----------------------------------------------------------------
-
-    def _apply_embeddings(self, request: Request) -> None:
-        """Load the request's embeddings (once per session, keyed by token and source).
-
-        An embedding loaded earlier is unloaded when its token now comes from another source,
-        or when a request that does not ask for it has its token in a prompt (the tokenizer
-        would otherwise still map the word to the embedding).
-        """
-        wanted = {ref.token: ref for ref in request.embeddings}
-        text = f"{request.prompt}\n{request.negative_prompt}"
-        for token, (source, added) in list(self._embeddings.items()):
-            ref = wanted.get(token)
-            if (ref is None and token in text) or (ref is not None and _source_key(ref) != source):
-                self.pipe.unload_textual_inversion(tokens=added)
-                del self._embeddings[token]
-        for ref in request.embeddings:
-            if ref.token not in self._embeddings:
-                self._load_embedding(ref)
-
-    def _load_embedding(self, ref: EmbeddingRef) -> None:
-        pipe = self.pipe
-        source = _source_key(ref)
-        if ref.path is not None:
-            path = Path(ref.path)
-            if not path.is_file():
-                raise UserError(f"embedding '{path}': no such file")
-            try:
-                pipe.load_textual_inversion(str(path), token=ref.token, local_files_only=True)
-            except Exception as error:  # noqa: BLE001 - torch / safetensors / diffusers errors
-                first = (str(error).strip().splitlines() or [""])[0][:200]
-                raise UserError(
-                    f"embedding '{path}': cannot be loaded, truncated or not an A1111 "
-                    f"embedding ({type(error).__name__}: {first})"
-                ) from error
-        else:
-            assert ref.vectors is not None
-            vectors = ref.vectors.detach().to("cpu")
-            pipe.load_textual_inversion(vectors.reshape(-1, vectors.shape[-1]), token=ref.token)
-        added = [ref.token]
-        vocabulary = pipe.tokenizer.get_vocab()
-        while f"{ref.token}_{len(added)}" in vocabulary:
-            added.append(f"{ref.token}_{len(added)}")
-        self._embeddings[ref.token] = (source, added)
-
     # -- generation ------------------------------------------------------------------------
 
     def _check_request(self, request: Request) -> None:
@@ -601,8 +392,8 @@ class DiffusersSession(Session):
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         self._check_request(request)
         self._use_sampler(request.sampler, request.seed)
-        self._apply_loras(request.loras)
-        self._apply_embeddings(request)
+        self.loras.apply(request.loras)
+        self.embeddings.apply(request)
         pipe = self.pipe
         device = pipe._execution_device
         cfg = request.guidance > 1.0

@@ -175,7 +175,7 @@ def test_lora_strength_zero_equals_no_lora_and_a_session_that_never_loaded_one(
 ) -> None:
     base = _generate(pristine, _cell())
     zero = _generate(session, _cell(lora="zoo:style@0+zoo:detail@0"))
-    assert session._loras  # loaded
+    assert session.loras.files  # loaded
     none = _generate(session, _cell())
     for output in (zero, none):
         assert np.array_equal(output.images, base.images)
@@ -234,7 +234,7 @@ def test_lora_keys_for_missing_modules_are_an_error(
     ) as info:
         _run(session, request)
     assert "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight" in str(info.value)
-    assert not any(name.startswith("bad_") for name in session._loras.values())
+    assert not any(name.startswith("bad_") for name in session.loras.files.values())
     # the session goes on, unchanged
     base = _generate(pristine, _cell())
     assert torch.equal(_generate(session, _cell()).latents, base.latents)
@@ -266,7 +266,7 @@ def test_embedding_trigger_word_changes_the_output(
         cell = _cell(embedding=f"zoo:{name}")
         assert name in request_for(cell, session).prompt
         assert not torch.allclose(_generate(session, cell).latents, base.latents)
-    assert session._embeddings["sbmulti"][1] == ["sbmulti", "sbmulti_1", "sbmulti_2"]
+    assert session.embeddings.loaded["sbmulti"][1] == ["sbmulti", "sbmulti_1", "sbmulti_2"]
     assert torch.equal(_generate(session, _cell()).latents, base.latents)
 
 
@@ -279,7 +279,7 @@ def test_embedding_file_and_vectors_by_hand_give_the_same_image(
         token, vectors = models.read_embedding(request.embeddings[0].path)
         by_hand = dataclasses.replace(request, embeddings=(EmbeddingRef(token, vectors=vectors),))
         from_vectors = _run(session, by_hand)[0]  # same token, other source: reloaded
-        assert session._embeddings[token][0].startswith("vectors:")
+        assert session.embeddings.loaded[token][0].startswith("vectors:")
         assert np.array_equal(from_file.images, from_vectors.images)
         assert torch.equal(from_file.latents, from_vectors.latents)
 
@@ -291,4 +291,4 @@ def test_truncated_embedding_is_an_error(session: DiffusersSession, tmp_path: Pa
     request = request_for(_cell(embedding=str(truncated)), session)
     with pytest.raises(UserError, match=r"broken\.pt"):
         _run(session, request)
-    assert "broken" not in session._embeddings
+    assert "broken" not in session.embeddings.loaded
