@@ -320,7 +320,11 @@ def _compare_cell(
     usable_now = None if now_note else now
     if usable_base is None and usable_now is None:
         return []
-    found = differences(base, now) if usable_base is not None and usable_now is not None else {}
+    found = (
+        differences(usable_base, usable_now)
+        if usable_base is not None and usable_now is not None
+        else {}
+    )
     rows: list[dict[str, Any]] = []
     for metric in metrics:
         a, b = _number(usable_base, metric.name), _number(usable_now, metric.name)

@@ -248,7 +248,7 @@ class BenchSession:
         if isinstance(item, CellItem) and not item.timed:
             # Runs after pytest-benchmark's wrapper: a cell that failed or was skipped before
             # its repeats did not leave "the fixture unused" (its teardown warning).
-            fixture = item.funcargs.get("benchmark")
+            fixture: Any = item.funcargs.get("benchmark")
             if fixture is not None:
                 fixture.skipped = True
         return report

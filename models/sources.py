@@ -245,6 +245,7 @@ def _hub_errors(reference: str, offline: bool) -> Iterator[None]:
         RepositoryNotFoundError,
     )
 
+    unreachable: tuple[type[BaseException], ...] = (OSError, *_connection_errors())
     try:
         yield
     except GatedRepoError:
@@ -265,7 +266,7 @@ def _hub_errors(reference: str, offline: bool) -> Iterator[None]:
         ) from None
     except EntryNotFoundError:
         raise UserError(f"model {reference!r}: file not found in the repository") from None
-    except (OSError, *_connection_errors()) as error:
+    except unreachable as error:
         raise UserError(
             f"model {reference!r}: cannot reach the Hugging Face hub ({type(error).__name__}); "
             f"set HF_HUB_OFFLINE=1 to use the local cache"
