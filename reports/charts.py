@@ -180,7 +180,10 @@ def its_chart(table: Table, row: Row) -> LineChart:
 
 
 def its_charts(table: Table) -> list[LineChart]:
-    """One chart per pipeline that has a figure to draw (all-failed rows have none)."""
+    """One chart per pipeline that has a figure to draw (all-failed rows have none); none
+    when the scenario sweeps no batch sizes (a chart of single points says nothing)."""
+    if len(table.batches) < 2:
+        return []
     charts = (its_chart(table, row) for row in table.rows)
     return [chart for chart in charts if chart.lines]
 

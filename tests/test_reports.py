@@ -411,3 +411,10 @@ def test_baseline_alone_uses_harness_compare(frame: pd.DataFrame, baseline: pd.D
     html = render(frame, "html", baseline=baseline)
     assert 'id="verdict"' in html and "comparisons over 36 cells" in html
     assert "verdict-not-comparable" in html  # the baseline ran another torch
+
+
+def test_no_batch_charts_without_a_batch_sweep() -> None:
+    from reports.charts import its_charts
+    from reports.table import Table
+
+    assert its_charts(Table(scenario="s", batches=(1,), rows=())) == []
