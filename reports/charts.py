@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from reports.formatting import gb, its
+from reports.formatting import gb, its, short
 from reports.table import Row, Table
 
 
@@ -220,7 +220,9 @@ def memory_chart(table: Table) -> BarChart | None:
     labels: list[Tick] = []
     y = _BAR_TOP
     for row in table.rows:
-        labels.append(Tick(_r(y + group / 2), row.label, _BAR_LEFT - 8, _r(y + group / 2 + 4)))
+        # ~48 characters fit left of the bars; the bars' titles carry the whole label
+        label = short(row.label, 48)
+        labels.append(Tick(_r(y + group / 2), label, _BAR_LEFT - 8, _r(y + group / 2 + 4)))
         for index, (attribute, css, name) in enumerate(used):
             value = getattr(row, attribute)
             if value is not None:
