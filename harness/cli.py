@@ -71,8 +71,8 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         params = info.get("parameters", {})
         counts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in params.items())
         cached = ", ".join(info.get("cached_formats", [])) or "none"
-        print(f"{info['name']:8} {info['description']}")
-        print(f"{'':8} parameters: {counts}; cached formats: {cached}")
+        print(f"{info['name']:13} {info['description']}")
+        print(f"{'':13} parameters: {counts}; cached formats: {cached}")
     return EXIT_OK
 
 

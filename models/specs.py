@@ -259,7 +259,10 @@ def _inpaint_variant(name: str, base: ModelSpec) -> ModelSpec:
     return dataclasses.replace(
         base,
         name=name,
-        description=f"{base.name} with the 9-channel inpainting UNet input (latents+masked+mask)",
+        description=(
+            f"{base.name} with the 9-channel inpainting UNet "
+            "(latents + mask + masked-image latents)"
+        ),
         unet={**base.unet, "in_channels": INPAINT_IN_CHANNELS},
         repo_id=f"sdbench/{name}",
     )
