@@ -43,6 +43,7 @@ import torch
 from backends.base import Backend, EmbeddingRef, LoraRef, Output, Request, Session
 from harness.errors import UnsupportedError, UserError
 from harness.matrix import Cell
+from harness.measure import GenerationTimer
 
 CHECK_STATUSES: tuple[str, ...] = ("pass", "fail", "differs", "unsupported", "error")
 #: Relative error below which two outputs of one backend count as equal, per dtype.
@@ -246,8 +247,6 @@ def check_lora_merged(ctx: CheckContext, load_merged: Callable[[Path], Session])
         merge_loras(ctx.cell.model, ctx.cell.source, loras, target)
         session = load_merged(target)
         try:
-            from harness.measure import GenerationTimer
-
             with GenerationTimer(ctx.device) as timer:
                 merged = session.generate(_without_loras(ctx.request), timer)
         finally:

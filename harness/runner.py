@@ -295,6 +295,7 @@ class Runner:
         deadline = None if cell.timeout_s is None else time.perf_counter() + cell.timeout_s
         timings: list[Timing] = []
         outputs: list[Output] = []
+        first_call: list[float] = []  # the wall time of the cell's first generation
 
         def generate(record: bool) -> None:
             with GenerationTimer(device, deadline) as timer:
@@ -302,10 +303,10 @@ class Runner:
             timing = Timing.from_timer(timer)
             if record:
                 timings.append(timing)
+            if not first_call:
+                first_call.append(timing.wall)
             outputs[:] = [output]
-            first_call.append(timing.wall)
 
-        first_call: list[float] = []
         with MemoryMonitor(device) as monitor:
             try:
                 for _ in range(cell.warmup):
@@ -333,16 +334,15 @@ class Runner:
         metrics.update(checks)
         if self.save_images and self.out_dir is not None:
             metrics["image"] = _save_preview(outputs[-1], self.out_dir, cell)
-        if timeout is None and _output_problem(checks, cell) is None:
-            metrics.update(self._conformance(cell, device, session, request, outputs[-1]))
+        problem = _output_problem(checks, cell)
         if timeout is not None:
             reason = f"timed out after {len(timings)} of {cell.repeats} repeats ({timeout})"
             return self._result(cell, "timeout", reason=reason, metrics=metrics)
-        problem = _output_problem(checks, cell)
         if problem is not None:
             return self._result(
                 cell, "error", reason=problem, error_type="OutputCheck", metrics=metrics
             )
+        metrics.update(self._conformance(cell, device, session, request, outputs[-1]))
         return self._result(cell, "ok", metrics=metrics)
 
     def _conformance(
