@@ -235,10 +235,10 @@ class BenchSession:
         return parent.session.isinitpath(file_path)
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        self.selected = {
-            (item.cell.scenario, item.cell.id) for item in session.items
-            if isinstance(item, CellItem)
-        }
+        cells = [item.cell for item in session.items if isinstance(item, CellItem)]
+        self.selected = {(cell.scenario, cell.id) for cell in cells}
+        if cells:  # keep for parity only the outputs another backend's cell will need
+            self.runner.parity.plan(cells)
 
     # -- running -----------------------------------------------------------------------
 
