@@ -283,7 +283,7 @@ class BenchSession:
             raise pytest.skip.Exception(result.reason or "unsupported", _use_item_location=True)
         if result.status != "ok":
             raise CellFailure(f"{result.status}: {result.reason}")
-        checks = result.metrics.get("checks") or {}
+        checks = result.metrics.get("check_results") or {}
         failed = [f"{name}: {c['detail']}" for name, c in checks.items()
                   if c["status"] in ("fail", "error")]
         if failed:

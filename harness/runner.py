@@ -370,7 +370,7 @@ class Runner:
             ran = run_checks(context, load_merged)
             found.update({name: check.to_dict() for name, check in ran.items()})
         if found:
-            figures["checks"] = found
+            figures["check_results"] = found
             figures["checks_failed"] = sum(c["status"] in ("fail", "error") for c in found.values())
         return figures
 
@@ -419,7 +419,7 @@ def _progress_line(index: int, total: int, result: Result) -> str:
                 f"  parity vs {metrics['parity_ref_backend']}: "
                 f"{metrics['parity_psnr_db']:.1f} dB {metrics['parity_status']}"
             )
-        checks = metrics.get("checks") or {}
+        checks = metrics.get("check_results") or {}
         if checks:
             passed = sum(check["status"] == "pass" for check in checks.values())
             failed = [

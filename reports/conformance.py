@@ -265,13 +265,12 @@ def _clean(value: Any) -> Any:
 
 
 def check_results(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The cell's recorded checks (name -> dict); ``{}`` when it has none.
+    """The cell's recorded checks (its ``check_results``: name -> dict); ``{}`` when none.
 
-    Before a cell records results, its ``checks`` column holds the requested check kinds
-    (a tuple) instead; the parity figures count as the ``parity`` check when the record has
-    no ``parity`` entry of its own.
+    The parity figures count as the ``parity`` check when the record has no ``parity`` entry
+    of its own. (The ``checks`` column holds the check kinds the scenario asked for.)
     """
-    found = record.get("checks")
+    found = record.get("check_results")
     results = {str(k): dict(v) for k, v in found.items()} if isinstance(found, dict) else {}
     if PARITY not in results and _clean(record.get("parity_ref")) is not None:
         results[PARITY] = {"status": _clean(record.get("parity_status")) or "differs",

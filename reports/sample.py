@@ -309,7 +309,7 @@ def _write_conformance(store: Any, directory: Path, run_id: str, environment: di
                 "detail": f"vs {ref}: latent rel. error {error:.3g}, PSNR {quality:.1f} dB "
                           f"(limits 0.001, 40 dB for fp32)",
             }
-        metrics["checks"] = found
+        metrics["check_results"] = found
         metrics["checks_failed"] = sum(c["status"] in ("fail", "error") for c in found.values())
         if images:
             metrics["image"] = f"images/conformance--{cell_id}.png"

@@ -89,13 +89,13 @@ def test_both_backends_conform_on_tiny(tmp_path: Path, sampler: str) -> None:
     assert original.status == diffusers.status == "ok"
     assert not any_failed(results)
     for result in results:
-        checks = result.metrics["checks"]
+        checks = result.metrics["check_results"]
         assert checks["determinism"]["status"] == "pass"
         assert checks["long_prompt"]["status"] == "pass"
-    assert "keeps long prompts" in original.metrics["checks"]["long_prompt"]["detail"]
-    assert "truncates at 77" in diffusers.metrics["checks"]["long_prompt"]["detail"]
+    assert "keeps long prompts" in original.metrics["check_results"]["long_prompt"]["detail"]
+    assert "truncates at 77" in diffusers.metrics["check_results"]["long_prompt"]["detail"]
     # euler on 4 steps: both backends use the same sigmas, so they agree closely
     assert diffusers.metrics["parity_ref"] == original.cell.id
     assert diffusers.metrics["parity_latent_rel_err"] <= 1e-4
     assert diffusers.metrics["parity_psnr_db"] >= 40
-    assert diffusers.metrics["checks"]["parity"]["status"] == "pass"
+    assert diffusers.metrics["check_results"]["parity"]["status"] == "pass"

@@ -21,7 +21,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
     cells = expand(load_scenario(ROOT / "scenarios/conformance.yaml"))
     ran = Runner(tmp_path_factory.mktemp("conformance"), progress=False).run(cells)
     assert not any_failed(ran), [
-        (r.cell.id, r.reason, r.metrics.get("checks")) for r in ran if r.status != "ok"
+        (r.cell.id, r.reason, r.metrics.get("check_results")) for r in ran if r.status != "ok"
         and r.status != "unsupported" or r.metrics.get("checks_failed")
     ]
     return {r.cell.id: r for r in ran}
@@ -30,7 +30,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
 def _checks(results: dict[str, Result], cell_id: str) -> dict[str, dict]:
     result = results[cell_id]
     assert result.status == "ok", result.reason
-    return result.metrics["checks"]
+    return result.metrics["check_results"]
 
 
 @pytest.mark.parametrize("backend", ["original", "diffusers"])
@@ -74,7 +74,7 @@ def test_every_sampler_runs_or_is_unsupported(results: dict[str, Result]) -> Non
     }
     for result in samplers:
         if result.status == "ok":
-            assert result.metrics["checks"]["determinism"]["status"] == "pass", result.cell.id
+            assert result.metrics["check_results"]["determinism"]["status"] == "pass", result.cell.id
 
 
 def test_parity_where_both_backends_compute_the_same(results: dict[str, Result]) -> None:
@@ -84,7 +84,7 @@ def test_parity_where_both_backends_compute_the_same(results: dict[str, Result])
                     "diffusers-tiny-txt2img-euler-lora-style@0.5+detail@1.0",
                     "diffusers-tiny-txt2img-euler-embedding-sbstyle+sbmulti"):
         metrics = results[cell_id].metrics
-        assert metrics["parity_status"] == "pass", (cell_id, metrics["checks"]["parity"])
+        assert metrics["parity_status"] == "pass", (cell_id, metrics["check_results"]["parity"])
         assert metrics["parity_latent_rel_err"] < 1e-3
         assert metrics["parity_ref"] == cell_id.replace("diffusers-", "original-", 1)
 

@@ -186,7 +186,7 @@ def test_every_check_of_every_cell_is_in_the_matrix(matrix: ConformanceMatrix,
     for record in _records(sample_dir):
         cell_id = record["cell"]["id"]
         assert (cell_id, "run") in shown
-        for name, check in record["metrics"].get("checks", {}).items():
+        for name, check in record["metrics"].get("check_results", {}).items():
             outcome = shown[(cell_id, name)]
             assert outcome.recorded == check["status"]
             assert outcome.reason == check["detail"]
@@ -267,7 +267,7 @@ def test_latest_record_and_unchecked_cells(frame: pd.DataFrame) -> None:
     rerun["timestamp"] = "2025-06-01T00:00:00+00:00"
     rerun["parity_status"] = "pass"
     rerun["parity_psnr_db"] = PSNR_IDENTICAL_DB
-    rerun["checks"] = [{"parity": {"status": "pass", "detail": "identical", "value": 0.0}}]
+    rerun["check_results"] = [{"parity": {"status": "pass", "detail": "identical", "value": 0.0}}]
     conformance = build_conformance(pd.concat([frame, rerun]), lambda _relative: None)
     row = next(r for r in conformance.parity if r.cell_id == "diffusers-txt2img-dpmpp_2m")
     assert row.status == "pass" and psnr(row.psnr_db) == "identical"
