@@ -249,10 +249,11 @@ def parity_limits(row: ParityRow) -> str:
 
 
 def _environment() -> Environment:
-    env = Environment(
+    escape = select_autoescape(
+        enabled_extensions=("html", "html.j2", "svg.j2"), default_for_string=True, default=False
+    )
+    env = Environment(autoescape=escape,  # everything rendered into HTML is escaped
         loader=PackageLoader("reports", "templates"),
-        autoescape=select_autoescape(enabled_extensions=("html", "html.j2", "svg.j2"),
-                                     default_for_string=True, default=False),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
