@@ -27,7 +27,7 @@ from tqdm import tqdm
 from backends import get_backend
 from backends.base import Output, Request, Session
 from harness import environment, inputs
-from harness.conformance import CheckContext, ParityTracker, run_checks
+from harness.conformance import CheckContext, ParityTracker, run_checks, to_uint8
 from harness.errors import UnsupportedError, UserError
 from harness.matrix import Cell, group_by_load
 from harness.measure import (
@@ -123,12 +123,13 @@ def output_checks(output: Output, cell: Cell) -> dict[str, Any]:
     width, height = cell.output_size
     expected = (cell.batch, height, width, 3)
     finite = bool(np.isfinite(images).all())
+    spread = float(np.nanstd(images)) if images.size else 0.0
     return {
         "output_shape": list(images.shape),
         "output_shape_ok": tuple(images.shape) == expected,
         "output_finite": finite and bool(torch.isfinite(output.latents).all()),
-        "output_std": float(np.nanstd(images)) if images.size else 0.0,
-        "output_constant": bool(np.nanstd(images) == 0.0) if images.size else True,
+        "output_std": spread,
+        "output_constant": spread == 0.0,
     }
 
 
@@ -147,7 +148,7 @@ def _save_preview(output: Output, directory: Path, cell: Cell) -> str | None:
     """Write the first image as a small PNG; return its path relative to ``directory``."""
     from PIL import Image
 
-    image = np.clip(np.nan_to_num(output.images[0]) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    image = to_uint8(output.images[0])
     relative = Path("images") / f"{cell.scenario}--{cell.id}.png"
     target = directory / relative
     target.parent.mkdir(parents=True, exist_ok=True)
