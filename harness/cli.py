@@ -1,7 +1,8 @@
 """``python -m harness``: run scenarios, render reports, manage the model zoo.
 
-Exit status: 0 every cell ran (ok or unsupported); 1 some cell failed (error, oom, timeout)
-or a regression was found; 2 bad input (printed as one line, no traceback).
+Exit status: 0 every cell ran (ok or unsupported); 1 some cell failed (error, oom, timeout,
+crashed) or a regression was found, or the run was interrupted; 2 bad input (printed as one
+line, no traceback).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.options import add_isolate_option
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -22,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from harness.matrix import expand
+    from harness import plan
+    from harness.matrix import expand, group_by_load
     from harness.runner import Runner, any_failed
     from harness.scenario import load_scenario
 
@@ -32,16 +35,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cells = [cell for cell in cells if all(part in cell.nodeid for part in args.select)]
         if not cells:
             raise UserError(f"--select {' '.join(args.select)}: no cell id matches")
-    runner = Runner(args.out, progress=not args.quiet, save_images=not args.no_images)
+    if args.shard is not None:
+        index, count = plan.parse_shard(args.shard)
+        cells = [cell for group in plan.shard(group_by_load(cells), index, count) for cell in group]
+    gpus = _parse_gpus(args.gpus)
+    if args.isolate == "none" and len(gpus) > 1:
+        raise UserError("--gpus: several GPUs need worker processes; drop --isolate none")
+    runner = Runner(
+        args.out,
+        progress=not args.quiet,
+        save_images=not args.no_images,
+        isolate=args.isolate,
+        gpus=gpus,
+    )
+    if args.resume or args.rerun_failed:
+        total = len(cells)
+        cells = runner.pending(cells, rerun_failed=args.rerun_failed)
+        if not args.quiet:
+            print(f"resuming: {total - len(cells)} of {total} cells already have a record")
     results = runner.run(cells)
     counts: dict[str, int] = {}
     for result in results:
         counts[result.status] = counts.get(result.status, 0) + 1
     summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
     print(
-        f"{len(results)} cells: {summary}; results in {runner.store.path if runner.store else '-'}"
+        f"{len(results)} cells: {summary or 'none to run'}; "
+        f"results in {runner.store.path if runner.store else '-'}"
     )
     return EXIT_FAILED if any_failed(results) else EXIT_OK
+
+
+def _parse_gpus(text: str | None) -> list[str]:
+    """``--gpus 0,1`` → ["0", "1"]; ``auto`` → every CUDA device (none on a CPU machine)."""
+    if text is None:
+        return []
+    if text.strip() == "auto":
+        import torch
+
+        return [str(index) for index in range(torch.cuda.device_count())]
+    gpus = [part.strip() for part in text.split(",")]
+    if not gpus or not all(part.isdigit() for part in gpus) or len(set(gpus)) != len(gpus):
+        raise UserError(f"--gpus: expected 'auto' or distinct GPU indices like 0,1, got {text!r}")
+    return gpus
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -100,6 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--no-images", action="store_true", help="do not save preview images")
+    add_isolate_option(run.add_argument, "")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="run only the cells without a record in --out (same cell and environment)",
+    )
+    run.add_argument(
+        "--rerun-failed",
+        action="store_true",
+        help="as --resume, and also redo cells recorded error / oom / timeout / crashed",
+    )
+    run.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="run the K-th of N deterministic parts of the load groups (CI matrices)",
+    )
+    run.add_argument(
+        "--gpus",
+        default=None,
+        metavar="LIST",
+        help="'auto' or GPU indices (0,1,...): one worker per GPU at a time, longest groups "
+        "first",
+    )
     run.set_defaults(handler=_cmd_run)
 
     report = commands.add_parser("report", help="render results as HTML or Markdown")

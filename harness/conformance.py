@@ -390,14 +390,20 @@ class ParityTracker:
             backends.setdefault(parity_key(cell), set()).add(cell.backend)
         self._wanted = {key for key, names in backends.items() if len(names) > 1}
 
-    def record(self, cell: Cell, output: Output) -> dict[str, Any]:
-        """Parity figures of ``cell`` against an earlier cell of another backend, if any."""
-        key = parity_key(cell)
-        if self._wanted is not None and key not in self._wanted:
+    def wants(self, cell: Cell) -> bool:
+        """Whether :meth:`record` needs this cell's output (another backend's cell will)."""
+        return self._wanted is None or parity_key(cell) in self._wanted
+
+    def record(self, cell: Cell, latents: torch.Tensor, images: np.ndarray) -> dict[str, Any]:
+        """Parity figures of ``cell`` against an earlier cell of another backend, if any.
+
+        ``latents`` are the final latents on the CPU in float32, ``images`` the 8-bit images
+        (:func:`to_uint8`, as they are saved: a quarter of the memory).
+        """
+        if not self.wants(cell):
             return {}
+        key = parity_key(cell)
         kept = self._kept.setdefault(key, [])
-        latents = output.latents.detach().to("cpu", torch.float32)
-        images = to_uint8(output.images)  # 8-bit, as images are saved; a quarter the memory
         reference = next((k for k in kept if k.cell.backend != cell.backend), None)
         if not any(k.cell.backend == cell.backend for k in kept):
             kept.append(_Kept(cell, latents, images))

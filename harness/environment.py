@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def collect() -> dict[str, Any]:
         "gpu_memory_gb": None,
         "driver": None,
         "executable": sys.executable,
+        #: The GPUs this process was given (``run --gpus``, pytest-xdist workers); not compared.
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     for package in _PACKAGES:
         env[package] = _version(package)

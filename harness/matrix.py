@@ -11,12 +11,14 @@ sizes, steps, resolutions or samplers costs one load.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from harness.scenario import AXES, Scenario
+from harness.scenario import AXES, DEFAULT_LOAD_TIMEOUT_S, Scenario
 
 #: Axes that change what is loaded; the others vary within one loaded session.
 LOAD_AXES: tuple[str, ...] = (
@@ -113,6 +115,12 @@ def _id_part(axis: str, value: Any) -> str:
     return str(value).replace("/", "_").replace(":", "_")
 
 
+#: Cell fields that say where a cell came from or how long it may take, not what it measures.
+_NOT_WORKLOAD = frozenset(
+    {"id", "scenario_path", "scenario_fingerprint", "timeout_s", "load_timeout_s"}
+)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One workload: every axis fixed, plus the scenario's run settings."""
@@ -154,6 +162,7 @@ class Cell:
     lora: str = "none"
     embedding: str = "none"
     checks: tuple[str, ...] = ()
+    load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -162,6 +171,17 @@ class Cell:
     def load_key(self) -> tuple[Any, ...]:
         """Cells with equal keys share one loaded backend session."""
         return tuple(getattr(self, axis) for axis in LOAD_AXES)
+
+    def fingerprint(self) -> str:
+        """A short hash of the cell's workload: every field but where it came from and its
+        time budgets. Equal fingerprints measure the same thing (``run --resume``)."""
+        workload = {
+            key: value
+            for key, value in self.to_dict().items()
+            if key not in _NOT_WORKLOAD
+        }
+        canonical = json.dumps(workload, sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
     def nodeid(self) -> str:
@@ -251,6 +271,7 @@ def expand(scenario: Scenario) -> list[Cell]:
                 repeats=scenario.repeats,
                 warmup=scenario.warmup,
                 timeout_s=scenario.timeout_s,
+                load_timeout_s=scenario.load_timeout_s,
                 checks=tuple(scenario.checks),
                 **combo,
             )

@@ -12,14 +12,19 @@ Definitions (DESIGN.md, the contract with users):
 - **memory gpu**: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` after a
   reset, and device-level used memory (``torch.cuda.mem_get_info``, includes the CUDA
   context) sampled during the cell; allocator retries and OOM count.
+- **memory above the baseline**: a :class:`Baseline` is taken in the measuring process after
+  its imports and before the model loads; ``cpu_model_gb`` is the CPU peak less its RSS, and
+  ``gpu_process_used_peak_gb`` the device memory of this process alone (NVML's per-process
+  figure where NVML lists this process, else device used less device used at the baseline).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,6 +184,9 @@ class MemoryPeaks:
     gpu_device_used_peak_gb: float | None = None
     gpu_alloc_retries: int | None = None
     gpu_ooms: int | None = None
+    gpu_process_used_peak_gb: float | None = None
+    #: Where ``gpu_process_used_peak_gb`` came from: ``nvml`` or ``mem_get_info``.
+    gpu_process_used_source: str | None = None
 
     @property
     def cpu_peak_gb(self) -> float:
@@ -186,17 +194,89 @@ class MemoryPeaks:
         return max(self.cpu_rss_sampled_gb, self.cpu_rss_os_peak_gb or 0.0)
 
 
-class MemoryMonitor:
-    """Samples RSS (and device-used GPU memory) every ``interval`` seconds in a thread."""
+@dataclass(frozen=True)
+class Baseline:
+    """The measuring process before a load: its RSS and the device's used memory."""
 
-    def __init__(self, device: torch.device, interval: float = 0.01) -> None:
+    cpu_rss_gb: float
+    gpu_device_used_gb: float | None = None
+
+    @classmethod
+    def take(cls, device: torch.device) -> Baseline:
+        rss = psutil.Process().memory_info().rss / GB
+        if device.type != "cuda":
+            return cls(rss)
+        free, total = torch.cuda.mem_get_info(device)
+        return cls(rss, (total - free) / GB)
+
+
+class ProcessGpuMemory:
+    """Device memory used by this process alone.
+
+    NVML's per-process figure (``nvmlDeviceGetComputeRunningProcesses``, which includes the
+    CUDA context) where NVML answers and lists this process; inside a container whose PIDs
+    NVML cannot see, or without NVML, the device's used memory less the ``baseline`` one.
+    """
+
+    def __init__(self, device: torch.device, baseline_used_gb: float | None) -> None:
+        self.device = device
+        self.baseline_used = int((baseline_used_gb or 0.0) * GB)
+        self._handle = _nvml_handle(device)
+        self.source = "nvml" if self._handle is not None and self._nvml_used() else "mem_get_info"
+
+    def _nvml_used(self) -> int | None:
+        import pynvml
+
+        try:
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except pynvml.NVMLError:
+            return None
+        pid = os.getpid()
+        for process in processes:
+            if process.pid == pid and isinstance(process.usedGpuMemory, int):
+                return int(process.usedGpuMemory)
+        return None
+
+    def used(self, device_used: int) -> int:
+        """Bytes used by this process, given the device's used bytes sampled now."""
+        if self.source == "nvml":
+            found = self._nvml_used()
+            if found is not None:
+                return found
+        return max(0, device_used - self.baseline_used)
+
+
+def _nvml_handle(device: torch.device) -> Any:
+    """The NVML handle of a torch CUDA device (matched by UUID), or None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    except Exception:  # noqa: BLE001 - no NVML here (not installed, no driver): fall back
+        return None
+
+
+class MemoryMonitor:
+    """Samples RSS (and device-used GPU memory) every ``interval`` seconds in a thread.
+
+    With a :class:`Baseline` the peaks also say how much is this process's own GPU memory.
+    """
+
+    def __init__(
+        self, device: torch.device, interval: float = 0.01, baseline: Baseline | None = None
+    ) -> None:
         self.device = device
         self.interval = interval
+        self.baseline = baseline
         self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rss_peak = 0
         self._device_used_peak = 0
+        self._process_used_peak = 0
+        self._process_gpu: ProcessGpuMemory | None = None
         self._os_peak_reset = False
 
     def _sample(self) -> None:
@@ -204,6 +284,9 @@ class MemoryMonitor:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             self._device_used_peak = max(self._device_used_peak, total - free)
+            if self._process_gpu is not None:
+                used = self._process_gpu.used(total - free)
+                self._process_used_peak = max(self._process_used_peak, used)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -213,6 +296,10 @@ class MemoryMonitor:
         self._os_peak_reset = _reset_os_peak()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            if self.baseline is not None:
+                self._process_gpu = ProcessGpuMemory(
+                    self.device, self.baseline.gpu_device_used_gb
+                )
         self._sample()
         self._thread = threading.Thread(target=self._loop, name="sdbench-memory", daemon=True)
         self._thread.start()
@@ -233,6 +320,7 @@ class MemoryMonitor:
         if self.device.type != "cuda":
             return peaks
         stats = torch.cuda.memory_stats(self.device)
+        process = self._process_gpu
         return MemoryPeaks(
             cpu_rss_sampled_gb=peaks.cpu_rss_sampled_gb,
             cpu_rss_os_peak_gb=peaks.cpu_rss_os_peak_gb,
@@ -241,6 +329,8 @@ class MemoryMonitor:
             gpu_device_used_peak_gb=self._device_used_peak / GB,
             gpu_alloc_retries=int(stats.get("num_alloc_retries", 0)),
             gpu_ooms=int(stats.get("num_ooms", 0)),
+            gpu_process_used_peak_gb=None if process is None else self._process_used_peak / GB,
+            gpu_process_used_source=None if process is None else process.source,
         )
 
 
@@ -262,6 +352,7 @@ class Measurement:
     load_s: float
     memory: MemoryPeaks
     load_memory: MemoryPeaks | None = None
+    baseline: Baseline | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -275,6 +366,7 @@ class Measurement:
         load_s: float,
         memory: MemoryPeaks,
         load_memory: MemoryPeaks | None = None,
+        baseline: Baseline | None = None,
     ) -> Measurement:
         if not timings:
             raise ValueError("a measurement needs at least one timed repeat")
@@ -290,6 +382,7 @@ class Measurement:
             load_s=load_s,
             memory=memory,
             load_memory=load_memory,
+            baseline=baseline,
         )
 
     @property
@@ -332,6 +425,10 @@ class Measurement:
         if self.load_memory is not None:
             row["load_cpu_peak_gb"] = self.load_memory.cpu_peak_gb
             row["load_gpu_allocated_peak_gb"] = self.load_memory.gpu_allocated_peak_gb
+        if self.baseline is not None:
+            row["cpu_baseline_gb"] = self.baseline.cpu_rss_gb
+            row["cpu_model_gb"] = self.memory.cpu_peak_gb - self.baseline.cpu_rss_gb
+            row["gpu_device_baseline_gb"] = self.baseline.gpu_device_used_gb
         row.update(self.extra)
         return row
 
@@ -342,12 +439,3 @@ def _quantile(values: list[float], q: float) -> float | None:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
-
-
-def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
-    """Run ``fn`` with the device synchronised at both ends; return (result, seconds)."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start

@@ -17,6 +17,8 @@ AddOption = Callable[..., Any]
 PYTEST_PREFIX = "bench-"
 DEFAULT_RESULTS = Path("results")
 DEFAULT_BASELINES = Path(".sdbench/baselines")
+#: How cells are isolated (:mod:`harness.runner`); the first is the default.
+ISOLATION: tuple[str, ...] = ("load", "cell", "none")
 #: Significance level of the test on the repeats (see :mod:`harness.compare`).
 DEFAULT_ALPHA = 0.005
 
@@ -119,3 +121,15 @@ def threshold_overrides(options: Any, prefix: str = "") -> dict[str, float]:
 def alpha_option(options: Any, prefix: str = "") -> float:
     value = get_option(options, prefix, "alpha")
     return DEFAULT_ALPHA if value is None else float(value)
+
+
+def add_isolate_option(addoption: AddOption, prefix: str = PYTEST_PREFIX) -> None:
+    """``--{prefix}isolate load|cell|none``: worker processes per load group, per cell, or none."""
+    addoption(
+        f"--{prefix}isolate",
+        dest=_dest(prefix, "isolate"),
+        choices=ISOLATION,
+        default=ISOLATION[0],
+        help="a fresh worker process per load group (default), per cell, or none (in this "
+        "process, for pdb: no hard timeout, a crash ends the run)",
+    )

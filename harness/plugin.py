@@ -9,11 +9,20 @@ without the flag nothing is collected and plain ``pytest`` runs the project's te
   ``scenarios/smoke.yaml::diffusers-nooffload-hub-b1``. ``-k`` matches the id and the cell's
   axis values (``-k "diffusers and cpu"``). A run without explicit paths collects the scenarios
   only, not ``testpaths``.
-- A cell runs through :class:`harness.runner.Runner` (one loaded model per load key, so the
-  items of a file are ordered by load key). Its timed repeats go through pytest-benchmark's
-  ``benchmark`` fixture in pedantic mode (one round per repeat), with it/s, memory, the cell
-  and the environment in ``benchmark.extra_info``: ``--benchmark-json``, ``-autosave``,
-  ``-compare``, ``-compare-fail`` and ``pytest-benchmark compare`` work on sdbench runs.
+- A cell runs through :class:`harness.runner.Runner`: in a worker process per load group by
+  default (``--bench-isolate``; the items of a file are ordered by load key so one worker
+  serves a group). The timed repeats happen in the worker; their device-synchronised wall
+  times are handed to pytest-benchmark through the ``benchmark`` marker's public ``timer``
+  argument: a :class:`ReplayClock` per item makes ``benchmark.pedantic`` (one round per
+  repeat) record exactly those times, never the round trip to the worker. it/s, memory, the
+  cell and the environment go into ``benchmark.extra_info``: ``--benchmark-json``,
+  ``-autosave``, ``-compare``, ``-compare-fail`` and ``pytest-benchmark compare`` work on
+  sdbench runs.
+- Under pytest-xdist (``-n N``) the cells of one load group — and the groups whose cells are
+  compared for cross-backend parity — carry one ``xdist_group`` mark and ``--dist loadgroup``
+  is chosen, so they stay on one xdist worker; every xdist worker appends to the same results
+  store under one run id, takes its own GPU when there are several, and the controller writes
+  the report and the summary from the store.
 - Outcome: ``unsupported`` (including a CUDA cell without CUDA) → skip with the reason;
   ``error``/``oom``/``timeout`` → failure with the one-line message; with ``--bench-baseline``
   a regression (:mod:`harness.compare`) → failure naming metric, baseline, current and change.
@@ -23,7 +32,6 @@ without the flag nothing is collected and plain ``pytest`` runs the project's te
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +40,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from harness.errors import UserError
-from harness.options import PYTEST_PREFIX, add_bench_options, alpha_option, get_option
+from harness.options import (
+    PYTEST_PREFIX,
+    add_bench_options,
+    add_isolate_option,
+    alpha_option,
+    get_option,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,7 +68,9 @@ EXTRA_METRICS = (
     "cpu_peak_gb",
     "gpu_allocated_peak_gb",
     "gpu_reserved_peak_gb",
-    "gpu_device_peak_gb",
+    "gpu_device_used_peak_gb",
+    "gpu_process_used_peak_gb",
+    "cpu_model_gb",
     "load_s",
     "first_call_s",
 )
@@ -78,6 +94,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"scenario files or directories to collect (default {DEFAULT_SCENARIOS}/)",
     )
     add_bench_options(group.addoption, PYTEST_PREFIX)
+    add_isolate_option(group.addoption, PYTEST_PREFIX)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Under pytest-xdist, ``--benchmark`` distributes by ``xdist_group`` (load groups)."""
+    if config.getoption("benchmark") and getattr(config.option, "numprocesses", None):
+        config.option.dist = "loadgroup"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -92,10 +116,33 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(error)) from None
     config.stash[session_key] = session
     config.pluginmanager.register(session, "sdbench-session")
+    # Cell items carry pytest-xdist's group mark; known even where xdist is not installed.
+    config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker")
 
 
 class CellFailure(Exception):
     """A cell that failed or regressed; shown as its one-line message, no traceback."""
+
+
+class ReplayClock:
+    """A pytest-benchmark timer that replays times measured elsewhere.
+
+    pytest-benchmark times a round as ``timer()``, the target, ``timer()``. This clock reads
+    0.0 at the start of a round and, at its end, the duration that the round's target handed
+    to :meth:`replay`, so each round's duration is exactly a time the worker measured.
+    """
+
+    __name__ = "ReplayClock"  # how pytest-benchmark names the timer in its JSON
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    def __call__(self) -> float:
+        value, self._next = self._next, 0.0
+        return value
+
+    def replay(self, seconds: float) -> None:
+        self._next = float(seconds)
 
 
 def _cell_test(benchmark: Any) -> None:
@@ -105,9 +152,12 @@ def _cell_test(benchmark: Any) -> None:
 class CellItem(pytest.Function):
     """One cell of a scenario file: a function item so that it gets fixtures."""
 
-    def __init__(self, *, cell: Cell, **kwargs: Any) -> None:
+    def __init__(self, *, cell: Cell, xdist_group: str, **kwargs: Any) -> None:
         super().__init__(callobj=_cell_test, **kwargs)
         self.cell = cell
+        self.clock = ReplayClock()
+        self.add_marker(pytest.mark.benchmark(timer=self.clock, group=cell.scenario))
+        self.add_marker(pytest.mark.xdist_group(xdist_group))
         self.extra_keyword_matches.update(
             str(value)
             for value in (
@@ -151,10 +201,14 @@ class ScenarioFile(pytest.File):
         # The path as in the node id, so that ``Cell.nodeid`` is this item's node id.
         scenario = load_scenario(self.path).model_copy(update={"path": self.nodeid})
         bench.scenarios[scenario.name] = scenario
-        for group in group_by_load(expand(scenario)):
+        groups = group_by_load(expand(scenario))
+        names = xdist_groups(groups)
+        for group in groups:
             for cell in group:
                 bench.collected.add((cell.scenario, cell.id))
-                yield CellItem.from_parent(self, name=cell.id, cell=cell)
+                yield CellItem.from_parent(
+                    self, name=cell.id, cell=cell, xdist_group=names[cell.load_key()]
+                )
 
     def repr_failure(  # type: ignore[override]
         self, excinfo: pytest.ExceptionInfo[BaseException]
@@ -162,6 +216,28 @@ class ScenarioFile(pytest.File):
         if isinstance(excinfo.value, UserError):
             return str(excinfo.value).replace(str(self.path), self.nodeid, 1)
         return super().repr_failure(excinfo)
+
+
+def xdist_groups(groups: list[list[Cell]]) -> dict[tuple[Any, ...], str]:
+    """An ``xdist_group`` name per load key: load groups whose cells are compared for
+    cross-backend parity (equal :func:`~harness.conformance.parity_key`) share one."""
+    from harness.conformance import parity_key
+
+    keys = [group[0].load_key() for group in groups]
+    parent = list(range(len(groups)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first: dict[tuple[Any, ...], int] = {}
+    for index, group in enumerate(groups):
+        for cell in group:
+            other = first.setdefault(parity_key(cell), index)
+            parent[root(index)] = root(other)
+    return {key: f"{groups[root(i)][0].scenario}:{root(i)}" for i, key in enumerate(keys)}
 
 
 @dataclass(eq=False)  # a registered plugin must be hashable
@@ -174,6 +250,9 @@ class BenchSession:
     report: Path | None
     alpha: float
     overrides: dict[str, float]
+    isolate: str = "load"
+    #: Shared by the xdist workers (the controller hands it over in ``workerinput``).
+    run_id: str | None = None
     baseline_path: Path | None = None
     baseline: pd.DataFrame | None = None
     scenarios: dict[str, Scenario] = field(default_factory=dict)
@@ -206,6 +285,8 @@ class BenchSession:
             report=_absolute(here, get_option(option, PYTEST_PREFIX, "report")),
             alpha=alpha_option(option, PYTEST_PREFIX),
             overrides=_overrides(option),
+            isolate=get_option(option, PYTEST_PREFIX, "isolate"),
+            run_id=getattr(config, "workerinput", {}).get("sdbench_run_id"),
         )
         baseline = get_option(option, PYTEST_PREFIX, "baseline")
         if baseline is not None:
@@ -254,11 +335,33 @@ class BenchSession:
         return report
 
     @property
+    def is_xdist_worker(self) -> bool:
+        return hasattr(self.config, "workerinput")
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist controller: every worker records under this session's run id."""
+        node.workerinput["sdbench_run_id"] = self.ensure_run_id()
+
+    def ensure_run_id(self) -> str:
+        if self.run_id is None:
+            from harness.runner import new_run_id
+
+            self.run_id = new_run_id()
+        return self.run_id
+
+    @property
     def runner(self) -> Runner:
         if self._runner is None:
             from harness.runner import Runner
 
-            self._runner = Runner(self.results_dir, progress=False)
+            self._runner = Runner(
+                self.results_dir,
+                run_id=self.ensure_run_id(),
+                progress=False,
+                isolate=self.isolate,
+                gpus=_xdist_worker_gpu(self.config),
+            )
         return self._runner
 
     def thresholds(self, scenario: str) -> Thresholds:
@@ -269,14 +372,17 @@ class BenchSession:
         return base.model_copy(update=self.overrides) if self.overrides else base
 
     def run_item(self, item: CellItem, benchmark: Any) -> None:
-        cell = item.cell
-
-        def timed_loop(generate_once: Any, repeats: int) -> None:
-            benchmark.group = cell.scenario
-            benchmark.pedantic(generate_once, rounds=repeats, iterations=1, warmup_rounds=0)
-
-        result = self.runner.run_cell(cell, timed_loop)
+        result = self.runner.run_cell(item.cell)
         self.results.append(result)
+        walls = result.metrics.get("wall_s_repeats") or []
+        if walls:  # the worker's timed repeats, one pytest-benchmark round each
+            durations = iter(walls)
+            benchmark.pedantic(
+                lambda: item.clock.replay(next(durations)),
+                rounds=len(walls),
+                iterations=1,
+                warmup_rounds=0,
+            )
         benchmark.extra_info.update(_extra_info(result))
         item.timed = benchmark.stats is not None
         if result.status == "unsupported":
@@ -314,6 +420,33 @@ class BenchSession:
 
     # -- end of session ----------------------------------------------------------------
 
+    @property
+    def is_xdist_controller(self) -> bool:
+        return self.config.pluginmanager.has_plugin("dsession")
+
+    def session_results(self) -> list[Result]:
+        """This session's results: its own, or on an xdist controller those its workers
+        appended to the store under the session's run id."""
+        if not self.is_xdist_controller:
+            return self.results
+        from harness.results import ResultStore, iter_results
+
+        store = ResultStore(self.results_dir)
+        if not store.path.exists():
+            return []
+        found = [result for result in iter_results(store.path) if result.run_id == self.run_id]
+        for result in found:  # the controller collected nothing: know the scenarios that ran
+            self._know_scenario(result.cell)
+            self.selected.add((result.cell.scenario, result.cell.id))
+        return found
+
+    def _know_scenario(self, cell: Cell) -> None:
+        from harness.scenario import load_scenario
+
+        path = self.config.rootpath / cell.scenario_path
+        if cell.scenario not in self.scenarios and path.is_file():
+            self.scenarios[cell.scenario] = load_scenario(path)
+
     def comparison(self) -> Comparison | None:
         """All verdicts of the session, with the baseline's cells that did not run."""
         if self.baseline is None:
@@ -323,16 +456,18 @@ class BenchSession:
         from harness.compare import COLUMNS, Comparison, compare
         from harness.results import to_row
 
-        current = pd.DataFrame([to_row(result) for result in self.results])
+        current = pd.DataFrame([to_row(result) for result in self.session_results()])
         limits = {name: self.thresholds(name) for name in self.scenarios}
         if current.empty:
             return Comparison(pd.DataFrame(columns=list(COLUMNS)), self.alpha)
         # The baseline's cells that were selected, and those of the scenarios that ran which
         # the scenario files no longer have: a -k selection does not make the others missing.
+        # (An xdist controller collects nothing: there, the cells that ran are the selection.)
         ran = set(current["scenario"])
+        collected = self.collected or self.selected
         keys = list(zip(self.baseline["scenario"], self.baseline["cell_id"], strict=True))
         keep = [
-            key in self.selected or (key[0] in ran and key not in self.collected)
+            key in self.selected or (key[0] in ran and key not in collected)
             for key in keys
         ]
         baseline = self.baseline[keep]
@@ -341,7 +476,7 @@ class BenchSession:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self._runner is not None:
             self._runner.close()
-        if self.report is None or not self.results:
+        if self.report is None or self.is_xdist_worker or not self.session_results():
             return
         try:
             self._write_report()
@@ -357,7 +492,7 @@ class BenchSession:
         from reports import render
 
         assert self.report is not None
-        frame = pd.DataFrame([to_row(result) for result in self.results])
+        frame = pd.DataFrame([to_row(result) for result in self.session_results()])
         comparison = self.comparison()
         html = render(
             frame,
@@ -370,18 +505,19 @@ class BenchSession:
         self.report.write_text(html, encoding="utf-8")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.results:
+        results = self.session_results()
+        if not results:
             return
         from harness.compare import summary_line
+        from harness.results import ResultStore
 
         counts: dict[str, int] = {}
-        for result in self.results:
+        for result in results:
             counts[result.status] = counts.get(result.status, 0) + 1
         statuses = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
         write = terminalreporter.write_line
         terminalreporter.section("sdbench")
-        store = self._runner.store.path if self._runner and self._runner.store else "-"
-        write(f"{len(self.results)} cells: {statuses}; results in {store}")
+        write(f"{len(results)} cells: {statuses}; results in {ResultStore(self.results_dir).path}")
         comparison = self.comparison()
         if comparison is not None:
             write(f"against {self.baseline_path}: {summary_line(comparison)}")
@@ -389,6 +525,20 @@ class BenchSession:
             write(f"report not written: {self.report_error}", red=True)
         elif self.report is not None:
             write(f"report: {self.report}")
+
+
+def _xdist_worker_gpu(config: pytest.Config) -> list[str]:
+    """On an xdist worker with several GPUs visible, the one GPU this worker takes."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        return []
+    index = int(str(workerinput.get("workerid", "gw0")).lstrip("gw") or 0)
+    return [str(index % count)]
 
 
 session_key = pytest.StashKey[BenchSession]()
@@ -414,15 +564,6 @@ def _extra_info(result: Result) -> dict[str, Any]:
         "env_fingerprint": result.env_fingerprint,
     }
     info.update({key: metrics[key] for key in EXTRA_METRICS if key in metrics})
-    return {key: _jsonable(value) for key, value in info.items()}
+    from harness.results import jsonable
 
-
-def _jsonable(value: Any) -> Any:
-    """pytest-benchmark writes extra_info as JSON: no NaN/inf, no tuples."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    return value
+    return {key: jsonable(value) for key, value in info.items()}

@@ -13,6 +13,7 @@ and the environment as ``env.<field>``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -105,19 +106,24 @@ def migrate(data: dict[str, Any], where: str = "record") -> dict[str, Any]:
     return data
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf: store them as null."""
+def jsonable(value: Any) -> Any:
+    """JSON has no NaN/inf (stored as null) and no tuples (lists)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _clean(item) for key, item in value.items()}
+        return {key: jsonable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(item) for item in value]
+        return [jsonable(item) for item in value]
     return value
 
 
 class ResultStore:
-    """Appends results to ``DIR/results.jsonl``, one flushed line per cell."""
+    """Appends results to ``DIR/results.jsonl``, one flushed line per cell.
+
+    Several processes may append to one store (pytest-xdist workers, shards sharing a disk):
+    each line is written in one ``write`` under an exclusive ``flock``. A last line cut short
+    by a killed writer is dropped before the next append, so the file stays one record a line.
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -125,11 +131,31 @@ class ResultStore:
 
     def append(self, result: Result) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(_clean(result.to_dict()), sort_keys=True, allow_nan=False)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        line = json.dumps(jsonable(result.to_dict()), sort_keys=True, allow_nan=False) + "\n"
+        descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            _drop_partial_line(descriptor)
+            os.write(descriptor, line.encode("utf-8"))
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)  # releases the lock
+
+
+def _drop_partial_line(descriptor: int) -> None:
+    """Truncate the file after its last newline (a record cut short by a killed writer)."""
+    size = os.fstat(descriptor).st_size
+    if size == 0 or os.pread(descriptor, 1, size - 1) == b"\n":
+        return
+    position, chunk = size, 1 << 16
+    while position > 0:
+        start = max(0, position - chunk)
+        found = os.pread(descriptor, position - start, start).rfind(b"\n")
+        if found >= 0:
+            os.ftruncate(descriptor, start + found + 1)
+            return
+        position = start
+    os.ftruncate(descriptor, 0)
 
 
 def _results_path(path: str | Path) -> Path:
@@ -195,9 +221,16 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
 
 def latest(frame: pd.DataFrame) -> pd.DataFrame:
-    """Keep the newest record of each cell (by scenario and cell id)."""
+    """The newest record of each cell (by scenario and cell id): the one rule for it.
+
+    Records are ordered by timestamp (stable, so file order breaks ties) before the last one
+    of each cell is kept; this makes merging several results directories order-independent.
+    """
     if frame.empty:
         return frame
-    return frame.drop_duplicates(subset=["scenario", "cell_id"], keep="last").reset_index(
+    ordered = frame
+    if "timestamp" in frame.columns:
+        ordered = frame.sort_values("timestamp", kind="stable", na_position="first")
+    return ordered.drop_duplicates(subset=["scenario", "cell_id"], keep="last").reset_index(
         drop=True
     )

@@ -1,171 +1,58 @@
-"""The runner: cells → backend sessions → measured :class:`~harness.results.Result` records.
+"""The runner: cells → worker processes → :class:`~harness.results.Result` records in a store.
 
-Cells are taken in order; consecutive cells with the same load key share one backend session
-(:func:`harness.matrix.group_by_load` orders a scenario's cells so that they do), so a sweep of
-batch sizes costs one load. Each cell runs ``warmup`` untimed generations, then ``repeats``
-timed ones, under a memory monitor. Whatever happens in a cell — unsupported, an exception, an
-out-of-memory error, a timeout — becomes that cell's status, and the run goes on.
+Cells are grouped by load key (:func:`harness.matrix.group_by_load`) so that a sweep of batch
+sizes costs one load. How the groups are isolated is the ``isolate`` setting:
+
+- ``load`` (default): each load group runs in a fresh worker process (:mod:`harness.launcher`,
+  :mod:`harness.worker`) that loads the model once and runs the group's cells; nothing one
+  group leaves behind (allocator caches, compiled graphs, imported modules) is measured in
+  the next, and a hang, a crash or a kill becomes the cell's ``timeout`` / ``crashed``;
+- ``cell``: a fresh worker for every cell (a load per cell);
+- ``none``: everything in this process (:class:`harness.execute.CellExecutor`), for debugging
+  with pdb; no hard timeout, and a crash ends the run.
+
+With several GPUs (``gpus``), one worker per GPU runs at a time, each with
+``CUDA_VISIBLE_DEVICES`` set to its GPU, the longest groups first. Every result is appended to
+the store as it arrives; cross-backend parity (:class:`harness.conformance.ParityTracker`) is
+computed here from the payload files the workers write, since the two cells compared run in
+different workers. Whatever happens in a cell becomes its status, and the run goes on; Ctrl-C
+kills the workers and keeps every finished cell.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
+import queue
+import shutil
 import sys
+import tempfile
+import threading
 import time
-import traceback as tb
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from backends import get_backend
-from backends.base import Output, Request, Session
-from harness import environment, inputs
-from harness.conformance import CheckContext, ParityTracker, run_checks, to_uint8
-from harness.errors import UnsupportedError, UserError
+from harness import environment, plan
+from harness.conformance import ParityTracker, to_uint8
+from harness.execute import NO_CUDA, CellExecutor, count_failed, resolve_device
+from harness.launcher import Observer, Ran, Slot, WorkerSpec
 from harness.matrix import Cell, group_by_load
-from harness.measure import (
-    CellTimeout,
-    GenerationTimer,
-    Measurement,
-    MemoryMonitor,
-    MemoryPeaks,
-    Timing,
-)
-from harness.results import Result, ResultStore
+from harness.options import ISOLATION
+from harness.results import Result, ResultStore, iter_results
 from harness.vocabulary import FAILED_STATUSES
 
-#: ``timed_loop(generate_once, repeats)`` runs the timed repeats; the pytest plugin passes one
-#: that goes through pytest-benchmark's ``benchmark.pedantic``.
-TimedLoop = Callable[[Callable[[], None], int], None]
 
-
-def plain_loop(generate_once: Callable[[], None], repeats: int) -> None:
-    for _ in range(repeats):
-        generate_once()
-
-
-def resolve_device(name: str) -> torch.device | None:
-    """``auto`` → CUDA if present, else CPU; ``cuda`` without CUDA → None."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return None if name == "cuda" else torch.device("cpu")
-
-
-def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The initial latents of a cell: N(0, 1) float32 on the CPU from the cell's seed.
-
-    Drawn by the harness, not the backend, so every backend starts from the same noise.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
-
-
-def request_for(cell: Cell, session: Session) -> Request:
-    """The backend-neutral request of a cell: prompts, noise and workflow inputs."""
-    width, height = cell.width, cell.height
-    workflow = cell.workflow
-    init_image = mask = hires_noise = None
-    if workflow in ("img2img", "inpaint", "outpaint"):
-        if cell.init_image == "generated":
-            init_image = inputs.generated_image(width, height, cell.seed)
-        else:
-            init_image = inputs.load_image(cell.init_image, width, height)
-    if workflow == "inpaint":
-        mask = inputs.make_mask(cell.mask, width, height)
-    elif workflow == "outpaint":
-        assert init_image is not None
-        init_image, mask = inputs.outpaint_canvas(init_image, cell.outpaint_px)
-        width, height, workflow = cell.output_size[0], cell.output_size[1], "inpaint"
-    elif workflow == "hires":
-        final_width, final_height = cell.output_size
-        hires_shape = session.latent_shape(cell.batch, final_width, final_height)
-        hires_noise = make_noise(hires_shape, cell.seed + 1)
-    embeddings = inputs.parse_embeddings(cell.embedding, cell.model)
-    prompt = cell.prompt
-    for embedding in embeddings:  # the trigger word must be in the prompt to take effect
-        if embedding.token not in prompt.split():
-            prompt = f"{prompt}, {embedding.token}"
-    return Request(
-        prompt=prompt,
-        negative_prompt=cell.negative_prompt,
-        batch=cell.batch,
-        steps=cell.steps,
-        width=width,
-        height=height,
-        sampler=cell.sampler,
-        guidance=cell.guidance,
-        seed=cell.seed,
-        noise=make_noise(session.latent_shape(cell.batch, width, height), cell.seed),
-        workflow=workflow,
-        init_image=init_image,
-        mask=mask,
-        strength=cell.strength,
-        hires_scale=cell.hires_scale,
-        hires_upscaler=cell.hires_upscaler,
-        hires_noise=hires_noise,
-        loras=inputs.parse_loras(cell.lora, cell.model),
-        embeddings=embeddings,
-    )
-
-
-def output_checks(output: Output, cell: Cell) -> dict[str, Any]:
-    """Shape, finiteness and non-constancy of the produced images."""
-    images = output.images
-    width, height = cell.output_size
-    expected = (cell.batch, height, width, 3)
-    finite = bool(np.isfinite(images).all())
-    spread = float(np.nanstd(images)) if images.size else 0.0
-    return {
-        "output_shape": list(images.shape),
-        "output_shape_ok": tuple(images.shape) == expected,
-        "output_finite": finite and bool(torch.isfinite(output.latents).all()),
-        "output_std": spread,
-        "output_constant": spread == 0.0,
-    }
-
-
-def _output_problem(checks: dict[str, Any], cell: Cell) -> str | None:
-    if not checks["output_shape_ok"]:
-        expected = [cell.batch, cell.output_size[1], cell.output_size[0], 3]
-        return f"output shape {checks['output_shape']}, expected {expected}"
-    if not checks["output_finite"]:
-        return "output contains NaN or inf values"
-    if checks["output_constant"]:
-        return "output image is constant"
+def _ignore(_event: str, _cell: Cell, _pid: int) -> None:
     return None
 
 
-def _save_preview(output: Output, directory: Path, cell: Cell) -> str | None:
-    """Write the first image as a small PNG; return its path relative to ``directory``."""
-    from PIL import Image
-
-    image = to_uint8(output.images[0])
-    relative = Path("images") / f"{cell.scenario}--{cell.id}.png"
-    target = directory / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    preview = Image.fromarray(image)
-    preview.thumbnail((256, 256))
-    preview.save(target)
-    return relative.as_posix()
-
-
-@dataclass
-class _Loaded:
-    key: tuple[Any, ...]
-    session: Session | None
-    load_s: float
-    load_memory: MemoryPeaks | None
-    #: A load failure, reused for every cell of the group: (status, reason, type, traceback).
-    failure: tuple[str, str, str | None, str | None] | None = None
+def new_run_id() -> str:
+    """``20261201T214500-1a2b3c``: when the run started, and a random tail."""
+    return time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 class Runner:
@@ -178,231 +65,241 @@ class Runner:
         run_id: str | None = None,
         progress: bool = True,
         save_images: bool = True,
+        isolate: str = "load",
+        gpus: Sequence[str] | None = None,
+        spec: WorkerSpec | None = None,
+        observer: Observer = _ignore,
     ) -> None:
+        if isolate not in ISOLATION:
+            raise ValueError(f"isolate must be one of {ISOLATION}, got {isolate!r}")
+        if isolate == "none" and gpus and len(gpus) > 1:
+            raise ValueError("several GPUs need worker processes, not isolate='none'")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.store = ResultStore(self.out_dir) if self.out_dir is not None else None
-        self.run_id = run_id or time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
+        self.run_id = run_id or new_run_id()
         self.progress = progress
         self.save_images = save_images and self.out_dir is not None
+        self.isolate = isolate
+        self.gpus = list(gpus or [])
+        self.spec = spec or WorkerSpec()
+        self.observer = observer
         self.env = environment.collect()
         self.env_fingerprint = environment.fingerprint(self.env)
-        self._loaded: _Loaded | None = None
         self.parity = ParityTracker()
+        self._executor: CellExecutor | None = None
+        self._slots: list[Slot] = []
+        self._work_dir: Path | None = None
 
     # -- public -------------------------------------------------------------------------
 
+    def pending(self, cells: Iterable[Cell], *, rerun_failed: bool = False) -> list[Cell]:
+        """The cells without a finished record in this runner's store (``run --resume``)."""
+        cells = list(cells)
+        if self.store is None or not self.store.path.exists():
+            return cells
+        return plan.pending(
+            cells, iter_results(self.store.path), self.env_fingerprint, rerun_failed=rerun_failed
+        )
+
     def run(self, cells: Iterable[Cell]) -> list[Result]:
         """Run every cell (grouped by load key), with a progress bar; return the results."""
-        ordered = [cell for group in group_by_load(list(cells)) for cell in group]
+        groups = group_by_load(list(cells))
+        ordered = [cell for group in groups for cell in group]
         self.parity.plan(ordered)
         results: list[Result] = []
         # The bar only on a terminal; one line per finished cell either way.
         show_bar = self.progress and sys.stderr.isatty()
         with tqdm(total=len(ordered), disable=not show_bar, unit="cell", leave=False) as bar:
-            for cell in ordered:
-                bar.set_description(cell.id)
-                result = self.run_cell(cell)
+
+            def finished(result: Result) -> None:
                 results.append(result)
                 if self.progress:
                     bar.write(_progress_line(len(results), len(ordered), result), file=sys.stdout)
                 bar.update()
-        self.close()
+
+            try:
+                if len(self.gpus) > 1 and self.isolate != "none":
+                    self._run_parallel(groups, finished)
+                else:
+                    for cell in ordered:
+                        bar.set_description(cell.id)
+                        finished(self.run_cell(cell))
+            except BaseException:  # Ctrl-C: the workers go at once; finished cells are stored
+                self.kill()
+                raise
+            finally:
+                self.close()
         return results
 
-    def run_cell(self, cell: Cell, timed_loop: TimedLoop = plain_loop) -> Result:
-        """Run one cell, record it in the store, and return its result."""
-        result = self._run_cell(cell, timed_loop)
-        if self.store is not None:
-            self.store.append(result)
-        return result
+    def run_cell(self, cell: Cell) -> Result:
+        """Run one cell now (its load group's worker is kept for the next cell), record its
+        result in the store and return it."""
+        if resolve_device(cell.device) is None:
+            return self._record(self._unsupported(cell))
+        if self.isolate == "none":
+            if self._executor is None:
+                self._executor = CellExecutor(
+                    self.out_dir, run_id=self.run_id, save_images=self.save_images
+                )
+            executed = self._executor.run(cell, keep_output=self.parity.wants(cell))
+            result = executed.result
+            if executed.output is not None:
+                latents = executed.output.latents.detach().to("cpu", torch.float32)
+                result = self._with_parity(result, latents, to_uint8(executed.output.images))
+            return self._record(result)
+        if not self._slots:
+            gpu = self.gpus[0] if self.gpus else None
+            self._slots.append(self._slot(gpu))
+        return self._finish(self._slots[0].run(cell, keep_output=self.parity.wants(cell)))
+
+    def kill(self) -> None:
+        """Kill the workers at once (Ctrl-C)."""
+        for slot in self._slots:
+            slot.kill()
 
     def close(self) -> None:
-        self._release()
+        """Stop the workers (or release the in-process session); remove payload files."""
+        for slot in self._slots:
+            slot.close()
+        self._slots = []
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+        self._clean_work_dir()
 
     # -- internals ----------------------------------------------------------------------
 
-    def _result(self, cell: Cell, status: str, **fields: Any) -> Result:
+    def _slot(self, gpu: str | None) -> Slot:
+        spec = self.spec
+        if gpu is not None:
+            spec = dataclasses.replace(spec, env={**spec.env, "CUDA_VISIBLE_DEVICES": gpu})
+        return Slot(
+            spec,
+            run_id=self.run_id,
+            work_dir=self._workers_dir(),
+            payload_dir=self._payload_dir,
+            out_dir=self.out_dir,
+            save_images=self.save_images,
+            worker_per_cell=self.isolate == "cell",
+            observer=self.observer,
+            name=gpu if gpu is not None else "0",
+        )
+
+    def _workers_dir(self) -> Path:
+        """Worker logs (``DIR/workers/logs``) and this runner's payload files (a folder of its
+        own under ``DIR/workers``: pytest-xdist workers share DIR); a temporary folder
+        without DIR."""
+        if self._work_dir is None:
+            if self.out_dir is not None:
+                self._work_dir = self.out_dir / "workers"
+            else:
+                self._work_dir = Path(tempfile.mkdtemp(prefix="sdbench-workers-"))
+        return self._work_dir
+
+    @property
+    def _payload_dir(self) -> Path:
+        return self._workers_dir() / f"payloads-{self.run_id}-{id(self):x}"
+
+    def _clean_work_dir(self) -> None:
+        if self._work_dir is None:
+            return
+        shutil.rmtree(self._payload_dir, ignore_errors=True)
+        if self.out_dir is None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+        else:  # keep the logs of workers that died; drop what is empty
+            for folder in (self._work_dir / "logs", self._work_dir):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or another process's), or gone already
+                    pass
+        self._work_dir = None
+
+    def _run_parallel(self, groups: list[list[Cell]], finished: Any) -> None:
+        """One worker per GPU at a time; the longest groups first."""
+        todo: queue.Queue[list[Cell]] = queue.Queue()
+        for group in plan.longest_first(groups):
+            todo.put(group)
+        done: queue.Queue[tuple[Cell, Ran | Result]] = queue.Queue()
+        stop = threading.Event()
+        self._slots = [self._slot(gpu) for gpu in self.gpus]
+
+        def serve(slot: Slot) -> None:
+            while not stop.is_set():
+                try:
+                    group = todo.get_nowait()
+                except queue.Empty:
+                    break
+                for cell in group:
+                    if stop.is_set():
+                        return
+                    if resolve_device(cell.device) is None:
+                        done.put((cell, self._unsupported(cell)))
+                        continue
+                    ran = slot.run(cell, keep_output=self.parity.wants(cell))
+                    if not stop.is_set():
+                        done.put((cell, ran))
+                slot.close()  # the next group starts in a fresh worker
+
+        threads = [
+            threading.Thread(target=serve, args=(slot,), name=f"sdbench-gpu-{slot.name}")
+            for slot in self._slots
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            while any(thread.is_alive() for thread in threads) or not done.empty():
+                try:
+                    _cell, outcome = done.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if isinstance(outcome, Result):
+                    finished(self._record(outcome))
+                else:
+                    finished(self._finish(outcome))
+        except BaseException:
+            stop.set()
+            self.kill()
+            raise
+        finally:
+            for thread in threads:
+                thread.join(timeout=30)
+
+    def _unsupported(self, cell: Cell) -> Result:
         return Result(
             run_id=self.run_id,
             cell=cell,
-            status=status,
+            status="unsupported",
+            reason=NO_CUDA,
             env=self.env,
             env_fingerprint=self.env_fingerprint,
-            **fields,
         )
 
-    def _run_cell(self, cell: Cell, timed_loop: TimedLoop) -> Result:
-        device = resolve_device(cell.device)
-        if device is None:
-            return self._result(cell, "unsupported", reason="needs a CUDA device; none here")
-        try:
-            backend = get_backend(cell.backend)
-            reason = backend.unsupported(cell, device)
-        except Exception as error:  # noqa: BLE001 - a broken backend is that cell's error
-            return self._failure(cell, error)
-        if reason is not None:
-            return self._result(cell, "unsupported", reason=reason)
+    def _finish(self, ran: Ran) -> Result:
+        result = ran.result
+        if ran.payload is not None:
+            from safetensors.torch import load_file
 
-        loaded = self._load(cell, device)
-        if loaded.failure is not None:
-            status, message, error_type, trace = loaded.failure
-            return self._result(
-                cell, status, reason=message, error_type=error_type, traceback=trace
-            )
-        assert loaded.session is not None
-        try:
-            return self._measure(cell, device, loaded, timed_loop)
-        except Exception as error:  # noqa: BLE001 - recorded, the run goes on
-            return self._failure(cell, error, device)
+            tensors = load_file(str(ran.payload))
+            ran.payload.unlink(missing_ok=True)
+            result = self._with_parity(result, tensors["latents"], tensors["images"].numpy())
+        return self._record(result)
 
-    def _load(self, cell: Cell, device: torch.device) -> _Loaded:
-        key = cell.load_key()
-        if self._loaded is not None and self._loaded.key == key:
-            return self._loaded
-        self._release()
-        from models import resolve
+    def _with_parity(self, result: Result, latents: torch.Tensor, images: Any) -> Result:
+        """The result with its parity figures against another backend's cell, if any."""
+        figures = self.parity.record(result.cell, latents, images)
+        if not figures:
+            return result
+        check = figures.pop("parity_check")
+        metrics = {**result.metrics, **figures}
+        checks = {"parity": check, **(result.metrics.get("check_results") or {})}
+        metrics["check_results"] = checks
+        metrics["checks_failed"] = count_failed(checks)
+        return dataclasses.replace(result, metrics=metrics)
 
-        try:
-            model = resolve(cell.model, cell.source)  # may synthesise a zoo model: not timed
-            start = time.perf_counter()
-            with MemoryMonitor(device) as monitor:
-                session = get_backend(cell.backend).load(cell, model, device)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-            self._loaded = _Loaded(key, session, time.perf_counter() - start, monitor.peaks())
-        except Exception as error:  # noqa: BLE001 - every cell of the group reports it
-            failed = self._failure(cell, error, device)
-            assert failed.reason is not None
-            self._loaded = _Loaded(
-                key,
-                None,
-                0.0,
-                None,
-                failure=(
-                    failed.status,
-                    f"load failed: {failed.reason}",
-                    failed.error_type,
-                    failed.traceback,
-                ),
-            )
-        return self._loaded
-
-    def _measure(
-        self, cell: Cell, device: torch.device, loaded: _Loaded, timed_loop: TimedLoop
-    ) -> Result:
-        session = loaded.session
-        assert session is not None
-        request = request_for(cell, session)
-        deadline = None if cell.timeout_s is None else time.perf_counter() + cell.timeout_s
-        timings: list[Timing] = []
-        outputs: list[Output] = []
-        first_call: list[float] = []  # the wall time of the cell's first generation
-
-        def generate(record: bool) -> None:
-            with GenerationTimer(device, deadline) as timer:
-                output = session.generate(request, timer)
-            timing = Timing.from_timer(timer)
-            if record:
-                timings.append(timing)
-            if not first_call:
-                first_call.append(timing.wall)
-            outputs[:] = [output]
-
-        with MemoryMonitor(device) as monitor:
-            try:
-                for _ in range(cell.warmup):
-                    generate(record=False)
-                timed_loop(lambda: generate(record=True), cell.repeats)
-            except CellTimeout as error:
-                if not timings:
-                    raise
-                timeout: CellTimeout | None = error
-            else:
-                timeout = None
-        measurement = Measurement.from_timings(
-            batch=cell.batch,
-            steps=cell.denoise_steps,
-            timings=timings,
-            first_call_s=first_call[0],
-            load_s=loaded.load_s,
-            memory=monitor.peaks(),
-            load_memory=loaded.load_memory,
-        )
-        metrics = measurement.summary()
-        metrics["repeats_done"] = len(timings)
-        metrics["denoise_steps"] = cell.denoise_steps
-        checks = output_checks(outputs[-1], cell)
-        metrics.update(checks)
-        if self.save_images and self.out_dir is not None:
-            metrics["image"] = _save_preview(outputs[-1], self.out_dir, cell)
-        problem = _output_problem(checks, cell)
-        if timeout is not None:
-            reason = f"timed out after {len(timings)} of {cell.repeats} repeats ({timeout})"
-            return self._result(cell, "timeout", reason=reason, metrics=metrics)
-        if problem is not None:
-            return self._result(
-                cell, "error", reason=problem, error_type="OutputCheck", metrics=metrics
-            )
-        metrics.update(self._conformance(cell, device, session, request, outputs[-1]))
-        return self._result(cell, "ok", metrics=metrics)
-
-    def _conformance(
-        self, cell: Cell, device: torch.device, session: Session, request: Request, output: Output
-    ) -> dict[str, Any]:
-        """Parity against the other backend's cell, and the scenario's conformance checks."""
-        figures = self.parity.record(cell, output)
-        found: dict[str, Any] = {}
-        if "parity_check" in figures:
-            found["parity"] = figures.pop("parity_check")
-        if cell.checks:
-            backend = get_backend(cell.backend)
-
-            def generate(variant: Request) -> Output:
-                with GenerationTimer(device) as timer:
-                    return session.generate(variant, timer)
-
-            def load_merged(path: Path) -> Session:
-                from models import resolve
-
-                merged = dataclasses.replace(cell, model=str(path), source="safetensors")
-                return backend.load(merged, resolve(str(path), "safetensors"), device)
-
-            context = CheckContext(cell, backend, session, request, output, device, generate)
-            ran = run_checks(context, load_merged)
-            found.update({name: check.to_dict() for name, check in ran.items()})
-        if found:
-            figures["check_results"] = found
-            figures["checks_failed"] = sum(c["status"] in ("fail", "error") for c in found.values())
-        return figures
-
-    def _failure(
-        self, cell: Cell, error: BaseException, device: torch.device | None = None
-    ) -> Result:
-        message = f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
-        trace = "".join(tb.format_exception(error))
-        if isinstance(error, UnsupportedError):
-            return self._result(cell, "unsupported", reason=str(error))
-        if isinstance(error, torch.OutOfMemoryError):
-            if device is not None and device.type == "cuda":
-                torch.cuda.empty_cache()
-            return self._result(
-                cell, "oom", reason=message, error_type=type(error).__name__, traceback=trace
-            )
-        if isinstance(error, CellTimeout):
-            return self._result(cell, "timeout", reason=str(error), error_type="CellTimeout")
-        if isinstance(error, UserError):
-            message = str(error)
-        return self._result(
-            cell, "error", reason=message, error_type=type(error).__name__, traceback=trace
-        )
-
-    def _release(self) -> None:
-        if self._loaded is not None and self._loaded.session is not None:
-            self._loaded.session.close()
-        self._loaded = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def _record(self, result: Result) -> Result:
+        if self.store is not None:
+            self.store.append(result)
+        return result
 
 
 def _progress_line(index: int, total: int, result: Result) -> str:
@@ -434,7 +331,7 @@ def _progress_line(index: int, total: int, result: Result) -> str:
 
 
 def any_failed(results: Iterable[Result]) -> bool:
-    """A cell failed (error, oom, timeout) or one of its conformance checks failed."""
+    """A cell failed (error, oom, timeout, crashed) or one of its conformance checks failed."""
     return any(
         result.status in FAILED_STATUSES or result.metrics.get("checks_failed", 0) > 0
         for result in results

@@ -143,6 +143,8 @@ def _as_list(value: Any) -> Any:
     return value if isinstance(value, list) else [value]
 
 
+#: Default wall-clock budget of one model load (seconds): generous, it only stops a hang.
+DEFAULT_LOAD_TIMEOUT_S = 1800.0
 _STRICT = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 #: One combination of axis values, every key optional (an ``include`` / ``exclude`` entry).
@@ -196,7 +198,11 @@ class Scenario(BaseModel):
     negative_prompt: str = ""
     repeats: int = Field(3, ge=1, le=1000)
     warmup: int = Field(1, ge=0, le=100)
+    #: Wall-clock budget of one cell's warm-up and timed repeats (and, again, of its checks);
+    #: None = no limit. The parent kills a worker that overruns it (docs/scenarios.md).
     timeout_s: float | None = Field(None, gt=0)
+    #: Wall-clock budget of one model load in a worker.
+    load_timeout_s: float = Field(DEFAULT_LOAD_TIMEOUT_S, gt=0)
     thresholds: Thresholds = Thresholds()
     #: Conformance checks run on every cell after its measurement (see docs/conformance.md).
     checks: list[CheckName] = []
@@ -212,8 +218,11 @@ class Scenario(BaseModel):
         return value
 
     def fingerprint(self) -> str:
-        """A short hash of everything that defines the workload (not the file's path)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of everything that defines the workload (not the file's path, not
+        the load budget, which stops a hung load but does not change what is measured)."""
+        canonical = json.dumps(
+            self.model_dump(mode="json", exclude={"load_timeout_s"}), sort_keys=True
+        )
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -56,7 +56,9 @@ Offload = Literal["none", "medvram", "lowvram"]
 Compile = Literal["none", "default", "reduce-overhead", "max-autotune"]
 Attention = Literal["sdp", "math", "xformers"]
 Device = Literal["auto", "cpu", "cuda"]
-Status = Literal["ok", "error", "oom", "timeout", "unsupported"]
+Status = Literal["ok", "error", "oom", "timeout", "crashed", "unsupported"]
 
-STATUSES: tuple[str, ...] = ("ok", "error", "oom", "timeout", "unsupported")
-FAILED_STATUSES: frozenset[str] = frozenset({"error", "oom", "timeout"})
+#: A cell's outcome (docs/results.md): ``crashed`` = the worker process died in the cell
+#: (a signal, a non-zero exit, a broken pipe) without reporting it.
+STATUSES: tuple[str, ...] = ("ok", "error", "oom", "timeout", "crashed", "unsupported")
+FAILED_STATUSES: frozenset[str] = frozenset({"error", "oom", "timeout", "crashed"})

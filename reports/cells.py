@@ -16,12 +16,16 @@ from typing import Any
 
 import pandas as pd
 
+from harness.vocabulary import FAILED_STATUSES, STATUSES
 from reports.formatting import number
 from reports.table import latest_records
 
-#: Statuses in the order the status line lists them.
-STATUS_ORDER: tuple[str, ...] = ("ok", "unsupported", "error", "oom", "timeout")
-FAILED_STATUSES: frozenset[str] = frozenset({"error", "oom", "timeout"})
+#: Statuses in the order the status line lists them: what ran, then each kind of failure.
+STATUS_ORDER: tuple[str, ...] = (
+    "ok",
+    "unsupported",
+    *(status for status in STATUSES if status in FAILED_STATUSES),
+)
 
 #: Sections of a cell's details: ``(title, ((label, column, formatter), ...))``.
 FIGURE_SECTIONS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (

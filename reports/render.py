@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+from harness.vocabulary import FAILED_STATUSES
 from reports import formatting
 from reports.cells import (
     CellDetail,
@@ -220,7 +221,8 @@ def outcome_note(outcome: Outcome) -> str | None:
     if outcome.status == "differs":
         return metric or (formatting.short(outcome.reason) if outcome.reason else None)
     if outcome.status in ("fail", "unsupported") and outcome.reason:
-        prefix = f"{outcome.recorded}: " if outcome.recorded in ("oom", "timeout") else ""
+        failed = outcome.recorded in FAILED_STATUSES and outcome.recorded != "error"
+        prefix = f"{outcome.recorded}: " if failed else ""
         return prefix + formatting.short(outcome.reason)
     return None
 

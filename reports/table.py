@@ -144,19 +144,10 @@ class Table:
 
 
 def latest_records(frame: pd.DataFrame) -> pd.DataFrame:
-    """The newest record of each cell (by scenario and cell id).
+    """The newest record of each cell: :func:`harness.results.latest`."""
+    from harness.results import latest
 
-    Records are ordered by timestamp (stable, so file order breaks ties) before the last one
-    of each cell is kept; this makes merging several results directories order-independent.
-    """
-    if frame.empty:
-        return frame
-    ordered = frame
-    if "timestamp" in frame.columns:
-        ordered = frame.sort_values("timestamp", kind="stable", na_position="first")
-    return ordered.drop_duplicates(subset=["scenario", "cell_id"], keep="last").reset_index(
-        drop=True
-    )
+    return latest(frame)
 
 
 def _value(record: dict[str, Any], field: str) -> Any:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from backends.base import Output
 from harness import expand, parse_scenario
 from harness.conformance import (
     PSNR_IDENTICAL,
@@ -18,6 +17,7 @@ from harness.conformance import (
     parity_key,
     psnr,
     relative_error,
+    to_uint8,
 )
 from harness.runner import Runner, any_failed
 
@@ -28,10 +28,11 @@ def _cells(matrix: dict, **settings) -> list:
     return expand(parse_scenario(data, "c.yaml"))
 
 
-def _output(value: float, noise: float = 0.0) -> Output:
+def _output(value: float, noise: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
+    """Final latents and 8-bit images, as the runner hands them to the parity tracker."""
     latents = torch.full((1, 4, 8, 8), value) + noise * torch.arange(256.0).reshape(1, 4, 8, 8)
     images = np.full((1, 64, 64, 3), value / 2, dtype=np.float32)
-    return Output(images=images, latents=latents)
+    return latents, to_uint8(images)
 
 
 def test_metrics() -> None:
@@ -59,14 +60,14 @@ def test_parity_tracker_pairs_backends() -> None:
     original, diffusers = _cells({"backend": ["original", "diffusers"]})
     tracker = ParityTracker()
     tracker.plan([original, diffusers])
-    assert tracker.record(original, _output(1.0)) == {}
-    same = tracker.record(diffusers, _output(1.0))
+    assert tracker.record(original, *_output(1.0)) == {}
+    same = tracker.record(diffusers, *_output(1.0))
     assert same["parity_ref"] == original.id and same["parity_status"] == "pass"
     assert same["parity_psnr_db"] == PSNR_IDENTICAL and same["parity_latent_rel_err"] == 0.0
 
     tracker = ParityTracker()
-    tracker.record(original, _output(1.0))
-    far = tracker.record(diffusers, _output(1.0, noise=0.01))
+    tracker.record(original, *_output(1.0))
+    far = tracker.record(diffusers, *_output(1.0, noise=0.01))
     assert far["parity_status"] == "differs" and far["parity_latent_rel_err"] > 1e-3
     assert "vs original" in far["parity_check"]["detail"]
 

@@ -18,9 +18,10 @@ from backends.base import EmbeddingRef, Output, Request
 from backends.diffusers_backend import DiffusersSession, denoising_steps
 from harness import expand, parse_scenario
 from harness.errors import UnsupportedError, UserError
+from harness.execute import request_for
 from harness.matrix import Cell
 from harness.measure import GenerationTimer
-from harness.runner import Runner, request_for
+from harness.runner import Runner
 
 CPU = torch.device("cpu")
 TINY = {

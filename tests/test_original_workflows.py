@@ -31,9 +31,9 @@ from backends.original.workflows import (
     mask_tensor,
 )
 from harness.errors import UserError
+from harness.execute import request_for
 from harness.matrix import Cell
 from harness.measure import GenerationTimer
-from harness.runner import request_for
 from models import extra_file, get_spec, lora_targets, merge_loras, read_embedding, resolve
 
 CPU = torch.device("cpu")

@@ -128,6 +128,38 @@ def test_run_skips_fails_and_writes_benchmark_json(
 
     frame = load(pytester.path / "res")
     assert sorted(frame["status"]) == ["error", "ok", "unsupported"]
+    # pytest-benchmark holds the worker's own generation times, not the round trip to it
+    walls = frame.loc[frame["status"] == "ok", "wall_s_repeats"].iloc[0]
+    stats = bench["stats"]
+    assert stats["min"] == min(walls) and stats["max"] == max(walls)
+    assert stats["mean"] == pytest.approx(sum(walls) / len(walls), rel=1e-12)
+    assert bench["options"]["timer"].endswith("ReplayClock")
+
+
+def test_xdist_keeps_load_groups_together_with_the_same_cells(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = pytester.mkdir("scenarios") / "smoke.yaml"
+    path.write_text(
+        "name: smoke\nrepeats: 2\nwarmup: 0\nmatrix:\n  backend: diffusers\n  model: tiny\n"
+        "  device: cpu\n  resolution: 64\n  steps: 2\n  dtype: [fp32, bf16]\n  batch: [1, 2]\n",
+        encoding="utf-8",
+    )
+    result = run_cells(
+        pytester, monkeypatch, "--benchmark", "-n", "2", "--benchmark-json=bench.json",
+        "--bench-results=res", "--bench-report=report.html",
+    )
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*= sdbench =*", "4 cells: 4 ok; results in *res*results.jsonl"])
+    frame = load(pytester.path / "res")
+    cells = expand(load_scenario(path).model_copy(update={"path": "scenarios/smoke.yaml"}))
+    assert sorted(frame["cell_id"]) == sorted(cell.id for cell in cells)
+    assert frame["run_id"].nunique() == 1  # one run id across the xdist workers
+    # the two cells of a load group ran on one xdist worker, from one load
+    assert frame.groupby("dtype")["load_s"].nunique().eq(1).all()
+    data = json.loads((pytester.path / "bench.json").read_text(encoding="utf-8"))
+    assert sorted(bench["name"] for bench in data["benchmarks"]) == sorted(frame["cell_id"])
+    assert (pytester.path / "report.html").is_file()
 
 
 def test_regression_against_a_doctored_baseline_fails_the_item(

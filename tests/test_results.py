@@ -70,6 +70,9 @@ def test_a_cut_last_line_is_skipped(tmp_path: Path) -> None:
     text = path.read_text()
     path.write_text(text[: len(text) - 40])  # the third line cut mid-write by a kill
     assert list(load(path)["its"]) == [1.0, 2.0]
+    store.append(_ok(_cells()[2], 4.0))  # a resumed run drops the cut line, then appends
+    assert list(load(path)["its"]) == [1.0, 2.0, 4.0]
+    assert path.read_text().endswith("}\n") and len(path.read_text().splitlines()) == 3
 
 
 def test_bad_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
@@ -114,3 +117,18 @@ def test_latest_keeps_newest_record_per_cell(tmp_path: Path) -> None:
     frame = latest(load(tmp_path))
     assert len(frame) == 2
     assert frame.set_index("cell_id").loc[cells[0].id, "its"] == 5.0
+
+
+def test_latest_is_by_timestamp_then_file_order(tmp_path: Path) -> None:
+    import dataclasses
+
+    cells = _cells()
+    newer = dataclasses.replace(_ok(cells[0], 7.0, "run-2"), timestamp="2026-12-01T10:00:05")
+    older = dataclasses.replace(_ok(cells[0], 3.0, "run-1"), timestamp="2026-12-01T10:00:00")
+    tie = dataclasses.replace(_ok(cells[0], 9.0, "run-3"), timestamp="2026-12-01T10:00:05")
+    first, second = ResultStore(tmp_path / "a"), ResultStore(tmp_path / "b")
+    first.append(newer)
+    second.append(older)  # merged directories: file order alone would pick this one
+    assert latest(load([tmp_path / "a", tmp_path / "b"]))["its"].tolist() == [7.0]
+    second.append(tie)  # equal timestamps: the later line wins
+    assert latest(load([tmp_path / "a", tmp_path / "b"]))["its"].tolist() == [9.0]

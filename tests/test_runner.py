@@ -10,8 +10,9 @@ import torch
 
 from backends import get_backend
 from harness import expand, load, parse_scenario
+from harness.execute import make_noise, request_for, resolve_device
 from harness.measure import GenerationTimer
-from harness.runner import Runner, make_noise, request_for, resolve_device
+from harness.runner import Runner
 
 CPU = torch.device("cpu")
 TINY = {"model": "tiny", "device": "cpu", "resolution": 64, "steps": 3, "seed": 7}
