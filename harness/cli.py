@@ -89,7 +89,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from harness import baseline as baselines
 
         baseline = load(baselines.resolve(args.baseline, baselines.fingerprint_of(frame)))
-    text = render(frame, fmt=args.format, baseline=baseline, image_root=args.results)
+    from harness.ab import load_ab
+
+    ab = [record for directory in args.results for record in load_ab(directory)]
+    text = render(frame, fmt=args.format, baseline=baseline, image_root=args.results, ab=ab)
     if args.output is None or str(args.output) == "-":
         sys.stdout.write(text)
     else:
@@ -190,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    """Sub-commands that live beside the code they drive (compare, baseline)."""
-    from harness import baseline, compare
+    """Sub-commands that live beside the code they drive (compare, baseline, ab)."""
+    from harness import ab, baseline, compare
 
-    return [compare.register, baseline.register]
+    return [compare.register, baseline.register, ab.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

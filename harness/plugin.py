@@ -99,7 +99,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Under pytest-xdist, ``--benchmark`` distributes by ``xdist_group`` (load groups)."""
+    """Under pytest-xdist, ``--benchmark`` distributes by ``xdist_group`` (load groups).
+
+    This sets the controller's scheduling; the workers, which parse the command line again
+    and never see this, are told in :func:`pytest_configure`."""
     if config.getoption("benchmark") and getattr(config.option, "numprocesses", None):
         config.option.dist = "loadgroup"
 
@@ -116,6 +119,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(error)) from None
     config.stash[session_key] = session
     config.pluginmanager.register(session, "sdbench-session")
+    if hasattr(config, "workerinput"):  # an xdist worker: name items by their xdist_group
+        config.option.loadgroup = True
     # Cell items carry pytest-xdist's group mark; known even where xdist is not installed.
     config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker")
 

@@ -254,3 +254,50 @@ def memory_chart(table: Table) -> BarChart | None:
         labels=tuple(labels),
         x_label_at=(right, height - 4),
     )
+
+
+# --- A/B: it/s of base and head against round ---------------------------------------------
+
+
+def rounds_chart(title: str, base: list[float | None], head: list[float | None]) -> LineChart:
+    """Each side's it/s per round of an A/B cell, so drift over the run shows."""
+    left, right_margin, top, bottom_margin = _LINE_MARGIN
+    right, bottom = _LINE_W - right_margin, _LINE_H - bottom_margin
+    rounds = list(range(1, max(len(base), len(head)) + 1))
+    step = (right - left) / max(len(rounds), 1)
+    x_of = {number: left + step * (i + 0.5) for i, number in enumerate(rounds)}
+    shown = [value for value in base + head if value is not None]
+    scale = nice_ceiling(max(shown) * 1.05) if shown else 1.0
+    y_of = {"top": top, "bottom": bottom, "max": scale}
+    lines = tuple(
+        line
+        for line in (
+            _line("base", "series-baseline", list(zip(rounds, base, strict=False)), x_of, y_of),
+            _line("head", "series-current", list(zip(rounds, head, strict=False)), x_of, y_of),
+        )
+        if line is not None
+    )
+    every = max(1, len(rounds) // 6)
+    return LineChart(
+        title=title,
+        width=_LINE_W,
+        height=_LINE_H,
+        left=left,
+        top=top,
+        right=right,
+        bottom=bottom,
+        x_ticks=tuple(
+            Tick(_r(x_of[n]), str(n), _r(x_of[n]), bottom + 14)
+            for n in rounds
+            if (n - 1) % every == 0
+        ),
+        y_ticks=tuple(
+            Tick(y, its(v), left - 4, y + 4)
+            for v in _ticks(scale)
+            for y in (_r(bottom - (bottom - top) * v / scale),)
+        ),
+        lines=lines,
+        title_at=(left, 14.0),
+        x_label_at=(right, _LINE_H - 4.0),
+        x_label="round",
+    )

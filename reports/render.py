@@ -26,6 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from harness.vocabulary import FAILED_STATUSES
 from reports import formatting
+from reports.ab import ABSection, build_ab
 from reports.cells import (
     CellDetail,
     ImageResolver,
@@ -76,6 +77,8 @@ class Report:
     anchors: dict[tuple[str, str], str] = field(default_factory=dict)
     #: The conformance matrices and the parity table (empty without conformance data).
     conformance: Conformance = field(default_factory=Conformance)
+    #: An A/B run's verdicts (``python -m harness ab``), or None.
+    ab: ABSection | None = None
 
     @property
     def failures(self) -> tuple[CellDetail, ...]:
@@ -111,8 +114,12 @@ def build_report(
     image_root: Path | Sequence[Path] | None = None,
     resolve_image: ImageResolver | None = None,
     title: str | None = None,
+    ab: Sequence[dict[str, Any]] = (),
 ) -> Report:
     """Compute a :class:`Report` from a results frame (``harness.results.load``).
+
+    ``ab``: the A/B records of an ``ab`` run (``harness.ab.load_ab``); the frame then holds
+    that run's rounds, of which the tables show the head side's.
 
     ``baseline`` (a results frame) adds baseline figures to the tables and charts and its
     environment beside the current one; ``verdicts`` (``harness.compare.compare``'s frame)
@@ -122,6 +129,8 @@ def build_report(
     """
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
+    if ab and "ab_side" in frame.columns:
+        frame = frame[frame["ab_side"] == "head"]
     verdict_list = from_frame(verdicts)
     index = VerdictIndex(verdict_list) if verdicts is not None else None
     tables = build_tables(frame, baseline=baseline, verdicts=index)
@@ -149,6 +158,7 @@ def build_report(
         summary=summarize(verdict_list) if verdicts is not None else None,
         anchors={(d.scenario, d.cell_id): d.anchor for d in details},
         conformance=build_conformance(frame, resolve),
+        ab=build_ab(ab),
     )
 
 
@@ -302,6 +312,7 @@ def render(
     verdicts: pd.DataFrame | Any | None = None,
     image_root: Path | Sequence[Path] | None = None,
     title: str | None = None,
+    ab: Sequence[dict[str, Any]] = (),
 ) -> str:
     """Render results as ``html`` (one self-contained page) or ``md`` (GitHub Markdown).
 
@@ -321,6 +332,6 @@ def render(
     if verdicts is not None and not isinstance(verdicts, pd.DataFrame):
         verdicts = verdicts.table  # a harness.compare.Comparison
     report = build_report(
-        frame, baseline=baseline, verdicts=verdicts, image_root=image_root, title=title
+        frame, baseline=baseline, verdicts=verdicts, image_root=image_root, title=title, ab=ab
     )
     return _jinja().get_template(_TEMPLATES[fmt]).render(report=report)

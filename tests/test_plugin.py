@@ -146,8 +146,8 @@ def test_xdist_keeps_load_groups_together_with_the_same_cells(
         encoding="utf-8",
     )
     result = run_cells(
-        pytester, monkeypatch, "--benchmark", "-n", "2", "--benchmark-json=bench.json",
-        "--bench-results=res", "--bench-report=report.html",
+        pytester, monkeypatch, "--benchmark", "-n", "2", "--bench-results=res",
+        "--bench-report=report.html",
     )
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*= sdbench =*", "4 cells: 4 ok; results in *res*results.jsonl"])
@@ -157,9 +157,10 @@ def test_xdist_keeps_load_groups_together_with_the_same_cells(
     assert frame["run_id"].nunique() == 1  # one run id across the xdist workers
     # the two cells of a load group ran on one xdist worker, from one load
     assert frame.groupby("dtype")["load_s"].nunique().eq(1).all()
-    data = json.loads((pytester.path / "bench.json").read_text(encoding="utf-8"))
-    assert sorted(bench["name"] for bench in data["benchmarks"]) == sorted(frame["cell_id"])
-    assert (pytester.path / "report.html").is_file()
+    # (pytest-benchmark switches itself off under xdist: the results store has the figures)
+    assert all(len(walls) == 2 for walls in frame["wall_s_repeats"])
+    html = (pytester.path / "report.html").read_text(encoding="utf-8")
+    assert all(cell.id in html for cell in cells)
 
 
 def test_regression_against_a_doctored_baseline_fails_the_item(
