@@ -255,7 +255,8 @@ class ABRunner:
                     return self._finish(record, "error", f"{label}, round {number}: {_status(ran)}")
                 metrics = {**ran.metrics, "ab_side": label, "ab_round": number}
                 self.store.append(dataclasses.replace(ran, run_id=self.run_id, metrics=metrics))
-                series[label].append({key: ran.metrics.get(key) for key, _, _ in AB_METRICS})
+                kept = {key: ran.metrics.get(key) for key, _, _ in AB_METRICS}
+                series[label].append({**kept, "wall_s": ran.metrics.get("wall_s")})
             if number >= self.min_rounds and number % 2 == 0:
                 verdict = self._judge("its", series, cell)
                 if settled(verdict, self.max_rounds):
@@ -301,14 +302,23 @@ def _status(result: Result) -> str:
 
 
 def progress_line(record: dict[str, Any]) -> str:
-    head = f"{record['scenario']}::{record['cell_id']}"
+    return f"{record['scenario']}::{record['cell_id']}  {describe(record)}"
+
+
+def describe(record: dict[str, Any]) -> str:
+    """The one-line message of a cell's A/B outcome (pytest, CLI)."""
     if record["verdict"] in CELL_FAILURES:
-        return f"{head}  {record['verdict']}: {record['reason']}"
+        return f"{record['verdict']}: {record['reason']}"
     its = record["verdicts"][0]
     return (
-        f"{head}  its ×{its['ratio']:.3f} [{its['low']:.3f}, {its['high']:.3f}] "
-        f"{its['verdict']} after {its['rounds']} rounds"
+        f"{its['verdict']}: its ×{its['ratio']:.3f} head / base [{its['low']:.3f}, "
+        f"{its['high']:.3f}] after {its['rounds']} rounds (threshold {its['threshold']:.0%})"
     )
+
+
+def this_tree() -> Side:
+    """The head side of ``pytest --bench-ab-base``: the code this process runs."""
+    return Side("head", "this tree", "dir", WorkerSpec())
 
 
 def load_ab(directory: str | Path) -> list[dict[str, Any]]:

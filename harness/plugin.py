@@ -51,6 +51,7 @@ from harness.options import (
 if TYPE_CHECKING:
     import pandas as pd
 
+    from harness.ab import ABRunner
     from harness.compare import Comparison
     from harness.matrix import Cell
     from harness.results import Result
@@ -95,6 +96,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     add_bench_options(group.addoption, PYTEST_PREFIX)
     add_isolate_option(group.addoption, PYTEST_PREFIX)
+    group.addoption(
+        f"--{PYTEST_PREFIX}ab-base",
+        dest="bench_ab_base",
+        default=None,
+        metavar="SIDE",
+        help="run the cells as A/B: this tree (head) against SIDE (a git ref of the rootdir's "
+        "repository, a directory or a Python executable), interleaved; a regression fails",
+    )
+    group.addoption(
+        f"--{PYTEST_PREFIX}ab-max-rounds",
+        dest="bench_ab_max_rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="round budget of an inconclusive A/B cell (default: as python -m harness ab)",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -258,6 +275,7 @@ class BenchSession:
     isolate: str = "load"
     #: Shared by the xdist workers (the controller hands it over in ``workerinput``).
     run_id: str | None = None
+    ab_base: str | None = None
     baseline_path: Path | None = None
     baseline: pd.DataFrame | None = None
     scenarios: dict[str, Scenario] = field(default_factory=dict)
@@ -268,6 +286,8 @@ class BenchSession:
     verdicts: list[pd.DataFrame] = field(default_factory=list)
     report_error: str | None = None
     _runner: Runner | None = None
+    _ab: ABRunner | None = None
+    ab_records: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> BenchSession:
@@ -292,6 +312,7 @@ class BenchSession:
             overrides=_overrides(option),
             isolate=get_option(option, PYTEST_PREFIX, "isolate"),
             run_id=getattr(config, "workerinput", {}).get("sdbench_run_id"),
+            ab_base=config.getoption("bench_ab_base"),
         )
         baseline = get_option(option, PYTEST_PREFIX, "baseline")
         if baseline is not None:
@@ -376,7 +397,48 @@ class BenchSession:
         base = known.thresholds if known is not None else Thresholds()
         return base.model_copy(update=self.overrides) if self.overrides else base
 
+    @property
+    def ab(self) -> ABRunner:
+        if self._ab is None:
+            import tempfile
+
+            from harness.ab import ABRunner, resolve_side, this_tree
+
+            assert self.ab_base is not None
+            work = Path(tempfile.mkdtemp(prefix="sdbench-sides-"))
+            base = resolve_side("base", self.ab_base, self.config.rootpath, work)
+            limits = {name: s.thresholds.model_dump() for name, s in self.scenarios.items()}
+            limits = {name: {**value, **self.overrides} for name, value in limits.items()}
+            rounds = self.config.getoption("bench_ab_max_rounds")
+            budget = {"max_rounds": rounds} if rounds else {}
+            self._ab = ABRunner(base, this_tree(), self.results_dir, progress=False,
+                                thresholds=limits, **budget)
+        return self._ab
+
+    def run_ab_item(self, item: CellItem, benchmark: Any) -> None:
+        """``--bench-ab-base``: the cell as A/B; pytest-benchmark gets the head's rounds."""
+        from harness.ab import describe
+
+        record = self.ab.run_cell(item.cell)
+        self.ab_records.append(record)
+        walls = [r["wall_s"] for r in (record.get("series") or {}).get("head", [])]
+        if walls:
+            durations = iter(walls)
+            benchmark.pedantic(lambda: item.clock.replay(next(durations)), rounds=len(walls),
+                               iterations=1, warmup_rounds=0)
+        benchmark.extra_info.update(
+            {"ab_verdict": record["verdict"], "ab_base": self.ab_base,
+             "ab": (record.get("verdicts") or [None])[0], "cell": item.cell.to_dict()}
+        )
+        item.timed = benchmark.stats is not None
+        if record["verdict"] in ("regression", "error"):
+            raise CellFailure(describe(record))
+        if record["verdict"] == "not comparable":
+            raise pytest.skip.Exception(describe(record), _use_item_location=True)
+
     def run_item(self, item: CellItem, benchmark: Any) -> None:
+        if self.ab_base is not None:
+            return self.run_ab_item(item, benchmark)
         result = self.runner.run_cell(item.cell)
         self.results.append(result)
         walls = result.metrics.get("wall_s_repeats") or []
@@ -481,6 +543,9 @@ class BenchSession:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self._runner is not None:
             self._runner.close()
+        if self._ab is not None:
+            self._ab.close()
+            self._ab.arms["base"].side.close()
         if self.report is None or self.is_xdist_worker or not self.session_results():
             return
         try:
@@ -510,6 +575,16 @@ class BenchSession:
         self.report.write_text(html, encoding="utf-8")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.ab_records:
+            verdicts: dict[str, int] = {}
+            for record in self.ab_records:
+                verdicts[record["verdict"]] = verdicts.get(record["verdict"], 0) + 1
+            shown = ", ".join(f"{n} {verdict}" for verdict, n in sorted(verdicts.items()))
+            terminalreporter.section("sdbench A/B")
+            terminalreporter.write_line(
+                f"{len(self.ab_records)} cells against {self.ab_base}: {shown}; "
+                f"A/B records in {self.results_dir / 'ab.jsonl'}"
+            )
         results = self.session_results()
         if not results:
             return
