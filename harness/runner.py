@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from backends import get_backend
 from harness import environment, plan
 from harness.conformance import ParityTracker, to_uint8
 from harness.execute import NO_CUDA, CellExecutor, count_failed, resolve_device
@@ -134,8 +135,9 @@ class Runner:
     def run_cell(self, cell: Cell) -> Result:
         """Run one cell now (its load group's worker is kept for the next cell), record its
         result in the store and return it."""
-        if resolve_device(cell.device) is None:
-            return self._record(self._unsupported(cell))
+        unsupported = self._unsupported(cell)
+        if unsupported is not None:
+            return self._record(unsupported)
         if self.isolate == "none":
             if self._executor is None:
                 self._executor = CellExecutor(
@@ -232,8 +234,9 @@ class Runner:
                 for cell in group:
                     if stop.is_set():
                         return
-                    if resolve_device(cell.device) is None:
-                        done.put((cell, self._unsupported(cell)))
+                    unsupported = self._unsupported(cell)
+                    if unsupported is not None:
+                        done.put((cell, unsupported))
                         continue
                     ran = slot.run(cell, keep_output=self.parity.wants(cell))
                     if not stop.is_set():
@@ -264,12 +267,28 @@ class Runner:
             for thread in threads:
                 thread.join(timeout=30)
 
-    def _unsupported(self, cell: Cell) -> Result:
+    def _unsupported(self, cell: Cell) -> Result | None:
+        """A cell known to be unsupported before any worker starts, or None.
+
+        A CUDA cell without CUDA, and — when the workers run this very interpreter and tree —
+        a cell the backend's cheap :meth:`~backends.base.Backend.unsupported` declines (the
+        backend's module is imported here once). Another Python or source tree answers for
+        itself in its worker; so does a backend whose check raises.
+        """
+        device = resolve_device(cell.device)
+        reason = NO_CUDA if device is None else None
+        if device is not None and self.spec == WorkerSpec():
+            try:
+                reason = get_backend(cell.backend).unsupported(cell, device)
+            except Exception:  # noqa: BLE001 - the worker records it as the cell's error
+                reason = None
+        if reason is None:
+            return None
         return Result(
             run_id=self.run_id,
             cell=cell,
             status="unsupported",
-            reason=NO_CUDA,
+            reason=reason,
             env=self.env,
             env_fingerprint=self.env_fingerprint,
         )

@@ -124,12 +124,12 @@ _LINE_MARGIN = (46.0, 12.0, 26.0, 34.0)  # left, right, top, bottom
 
 def _line(
     name: str, css: str, values: list[tuple[int, float | None]], x_of: dict[int, float],
-    y_of: dict[str, float],
+    y_of: dict[str, float], x_name: str = "batch",
 ) -> Line | None:
     top, bottom, scale = y_of["top"], y_of["bottom"], y_of["max"]
     points = tuple(
         Point(_r(x_of[batch]), _r(bottom - (bottom - top) * value / scale),
-              f"{name}, batch {batch}: {its(value)} it/s")
+              f"{name}, {x_name} {batch}: {its(value)} it/s")
         for batch, value in values
         if value is not None
     )
@@ -139,44 +139,59 @@ def _line(
     return Line(name=name, path=path, points=points, css=css)
 
 
-def its_chart(table: Table, row: Row) -> LineChart:
-    """it/s against batch size for one pipeline (baseline dashed when present)."""
+#: One line of a chart: (name, css class, (x, it/s or None) per point).
+Series = tuple[str, str, list[tuple[int, float | None]]]
+
+
+def _series_chart(
+    title: str,
+    xs: list[int],
+    series: tuple[Series, ...],
+    *,
+    x_label: str = "batch size",
+    x_name: str = "batch",
+    tick_every: int = 1,
+) -> LineChart:
+    """it/s against an integer axis (batch size, A/B round), one line per series."""
     left, right_margin, top, bottom_margin = _LINE_MARGIN
     right, bottom = _LINE_W - right_margin, _LINE_H - bottom_margin
-    batches = table.batches
-    step = (right - left) / max(len(batches), 1)
-    x_of = {batch: left + step * (i + 0.5) for i, batch in enumerate(batches)}
-    current = [(slot.batch, slot.its if slot.ok else None) for slot in row.slots]
-    baseline = [(slot.batch, slot.baseline_its) for slot in row.slots]
-    shown = [v for _, v in current + baseline if v is not None]
+    step = (right - left) / max(len(xs), 1)
+    x_of = {x: left + step * (i + 0.5) for i, x in enumerate(xs)}
+    shown = [value for _, _, values in series for _, value in values if value is not None]
     scale = nice_ceiling(max(shown) * 1.05) if shown else 1.0
     y_of = {"top": top, "bottom": bottom, "max": scale}
-    lines = tuple(
-        line
-        for line in (
-            _line("baseline", "series-baseline", baseline, x_of, y_of),
-            _line("current", "series-current", current, x_of, y_of),
-        )
-        if line is not None
-    )
+    drawn = (_line(name, css, values, x_of, y_of, x_name) for name, css, values in series)
     return LineChart(
-        title=row.label,
+        title=title,
         width=_LINE_W,
         height=_LINE_H,
         left=left,
         top=top,
         right=right,
         bottom=bottom,
-        x_ticks=tuple(Tick(_r(x_of[b]), str(b), _r(x_of[b]), bottom + 14) for b in batches),
+        x_ticks=tuple(
+            Tick(_r(x_of[x]), str(x), _r(x_of[x]), bottom + 14)
+            for i, x in enumerate(xs)
+            if i % tick_every == 0
+        ),
         y_ticks=tuple(
             Tick(y, its(v), left - 4, y + 4)
             for v in _ticks(scale)
             for y in (_r(bottom - (bottom - top) * v / scale),)
         ),
-        lines=lines,
+        lines=tuple(line for line in drawn if line is not None),
         title_at=(left, 14.0),
         x_label_at=(right, _LINE_H - 4.0),
+        x_label=x_label,
     )
+
+
+def its_chart(table: Table, row: Row) -> LineChart:
+    """it/s against batch size for one pipeline (baseline dashed when present)."""
+    current = [(slot.batch, slot.its if slot.ok else None) for slot in row.slots]
+    baseline = [(slot.batch, slot.baseline_its) for slot in row.slots]
+    series = (("baseline", "series-baseline", baseline), ("current", "series-current", current))
+    return _series_chart(row.label, list(table.batches), series)
 
 
 def its_charts(table: Table) -> list[LineChart]:
@@ -261,43 +276,10 @@ def memory_chart(table: Table) -> BarChart | None:
 
 def rounds_chart(title: str, base: list[float | None], head: list[float | None]) -> LineChart:
     """Each side's it/s per round of an A/B cell, so drift over the run shows."""
-    left, right_margin, top, bottom_margin = _LINE_MARGIN
-    right, bottom = _LINE_W - right_margin, _LINE_H - bottom_margin
     rounds = list(range(1, max(len(base), len(head)) + 1))
-    step = (right - left) / max(len(rounds), 1)
-    x_of = {number: left + step * (i + 0.5) for i, number in enumerate(rounds)}
-    shown = [value for value in base + head if value is not None]
-    scale = nice_ceiling(max(shown) * 1.05) if shown else 1.0
-    y_of = {"top": top, "bottom": bottom, "max": scale}
-    lines = tuple(
-        line
-        for line in (
-            _line("base", "series-baseline", list(zip(rounds, base, strict=False)), x_of, y_of),
-            _line("head", "series-current", list(zip(rounds, head, strict=False)), x_of, y_of),
-        )
-        if line is not None
+    series = (
+        ("base", "series-baseline", list(zip(rounds, base, strict=False))),
+        ("head", "series-current", list(zip(rounds, head, strict=False))),
     )
-    every = max(1, len(rounds) // 6)
-    return LineChart(
-        title=title,
-        width=_LINE_W,
-        height=_LINE_H,
-        left=left,
-        top=top,
-        right=right,
-        bottom=bottom,
-        x_ticks=tuple(
-            Tick(_r(x_of[n]), str(n), _r(x_of[n]), bottom + 14)
-            for n in rounds
-            if (n - 1) % every == 0
-        ),
-        y_ticks=tuple(
-            Tick(y, its(v), left - 4, y + 4)
-            for v in _ticks(scale)
-            for y in (_r(bottom - (bottom - top) * v / scale),)
-        ),
-        lines=lines,
-        title_at=(left, 14.0),
-        x_label_at=(right, _LINE_H - 4.0),
-        x_label="round",
-    )
+    return _series_chart(title, rounds, series, x_label="round", x_name="round",
+                         tick_every=max(1, len(rounds) // 6))
