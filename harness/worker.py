@@ -75,7 +75,7 @@ def _save_payload(directory: Path, latents: Any, images: Any) -> str:
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.worker")
     parser.add_argument(OUT_DIR, dest="out_dir", default=None)
     parser.add_argument(RUN_ID, dest="run_id", required=True)
@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         if executed.restart:
             break
     executor.close()
-    return 0
+    # Everything the parent needs was sent; skip the interpreter's slow teardown of torch.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
