@@ -54,11 +54,13 @@ EXTRA_METRICS = (
     "cpu_peak_gb",
     "gpu_allocated_peak_gb",
     "gpu_reserved_peak_gb",
-    "gpu_device_peak_gb",
+    "gpu_device_used_peak_gb",
     "load_s",
     "first_call_s",
 )
-ENV_EXTRA = ("gpu_name", "gpu_count", "gpu_memory_gb", "driver", "cuda", "torch", "diffusers")
+ENV_EXTRA = (
+    "gpu_name", "gpu_count", "gpu_memory_gb", "driver", "cuda", "torch", "diffusers", "doctor"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
