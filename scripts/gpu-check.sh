@@ -26,7 +26,7 @@
 #   synth      90         30         30   (sd15-fp16 took 35 s on a 2-core CPU)
 #   pytest     90         45         45
 #   table-*    60/60/120  60/15/15   40 / 40 / 100 (none / medvram / lowvram)
-#   compile    150        45         120  (two first compilations)
+#   compile    150        60         120  (two first compilations)
 #   report     20         20         10
 #   deadline   480        180
 #
@@ -84,7 +84,7 @@ export HF_HUB_CACHE="${HF_HUB_CACHE:-$WORK/hf}"
 if [ "$DRY" = 1 ]; then
     MODE="dry run (CPU, tiny)"; DEADLINE=180; MODEL=tiny-fp16
     SCENARIO=scenarios/gpu-check-dry.yaml
-    CAPS=(30 20 30 45 60 15 15 45 20); COMPILE_FLOOR=20; EARLY_RESERVE=40
+    CAPS=(30 20 30 45 60 15 15 60 20); COMPILE_FLOOR=30; EARLY_RESERVE=40
 else
     MODE="GPU"; DEADLINE=480; MODEL=sd15-fp16; SCENARIO=scenarios/gpu-check.yaml
     CAPS=(40 20 90 90 60 60 120 150 20); COMPILE_FLOOR=60; EARLY_RESERVE=120

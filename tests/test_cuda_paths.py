@@ -499,7 +499,7 @@ def test_real_diffusers_offload_matches_no_offload(offload: str) -> None:
             latents.append(session.generate(request_for(cell, session), timer).latents.float())
         session.close()
     assert torch.isfinite(latents[1]).all()
-    assert torch.allclose(latents[0], latents[1], atol=1e-3)
+    assert torch.allclose(latents[0], latents[1], rtol=1e-3, atol=1e-2)
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from backends import get_backend
 from harness import expand, parse_scenario
+from harness.cli import main
 from harness.measure import GenerationTimer
 from harness.runner import request_for
 from models import SPECS, ModelSpec, materialize_formats, resolve, synthesize
@@ -80,3 +81,14 @@ def test_an_fp16_twin_runs_in_fp32_like_its_fp32_model() -> None:
         session.close()
     error = float((latents[1] - latents[0]).norm() / latents[0].norm())
     assert 0 < error < 0.02, error  # the weights differ by fp16 rounding only
+
+
+def test_models_prepare_writes_the_formats_into_the_cache(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["models", "prepare", "tiny-fp16", "--format", "safetensors", "hub"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == [
+        "tiny-fp16 (safetensors)", "tiny-fp16 (hub)"]
+    assert all(Path(line.split(": ", 1)[1]).exists() for line in lines[:2])
+    assert lines[2].startswith("ready in ")
