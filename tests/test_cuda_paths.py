@@ -252,10 +252,8 @@ def oom_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("oom_backend")
 @pytest.mark.parametrize("at_load", [False, True], ids=["in-generation", "at-load"])
-def test_out_of_memory_is_recorded_as_oom(
-    fake_cuda: FakeCuda, tmp_path: Path, at_load: bool
-) -> None:
-    results = Runner(tmp_path, progress=False).run(_cuda_cells(seed=1 if at_load else 0))
+def test_out_of_memory_is_recorded_as_oom(fake_cuda: FakeCuda, at_load: bool) -> None:
+    results = Runner(progress=False).run(_cuda_cells(seed=1 if at_load else 0))
     assert [r.status for r in results] == ["oom", "oom"]  # and the run went on
     reason = results[0].reason or ""
     assert ("load failed: " if at_load else "") + "OutOfMemoryError: CUDA out of memory" in reason
