@@ -53,6 +53,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cells = runner.pending(cells, rerun_failed=args.rerun_failed)
         if not args.quiet:
             print(f"resuming: {total - len(cells)} of {total} cells already have a record")
+    for finding in runner.env.get("doctor", []):  # recorded with every result; say it now
+        if finding["status"] == "fail":
+            print(f"doctor: fail: {finding['check']}: {finding['detail']}", file=sys.stderr)
     results = runner.run(cells)
     counts: dict[str, int] = {}
     for result in results:
@@ -122,6 +125,19 @@ def _cmd_models_write(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_models_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from models import materialize_formats
+
+    start = time.perf_counter()
+    paths = materialize_formats(args.name, args.format)
+    for fmt, path in paths.items():
+        print(f"{args.name} ({fmt}): {path}")
+    print(f"ready in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -186,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--format", choices=("hub", "safetensors", "ckpt"), required=True)
     write.add_argument("--out", required=True, type=Path)
     write.set_defaults(handler=_cmd_models_write)
+    prepare = model_commands.add_parser(
+        "prepare", help="synthesise a zoo model into the cache (formats share one synthesis)"
+    )
+    prepare.add_argument("name")
+    prepare.add_argument(
+        "--format", nargs="+", choices=("hub", "safetensors", "ckpt"), default=["hub"]
+    )
+    prepare.set_defaults(handler=_cmd_models_prepare)
 
     for register in _extra_commands():
         register(commands)
@@ -193,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    """Sub-commands that live beside the code they drive (compare, baseline, ab)."""
-    from harness import ab, baseline, compare
+    """Sub-commands that live beside the code they drive (compare, baseline, ab, doctor)."""
+    from harness import ab, baseline, compare, doctor
 
-    return [compare.register, baseline.register, ab.register]
+    return [compare.register, baseline.register, ab.register, doctor.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,10 @@
 
 Baselines compare like with like: :func:`fingerprint` hashes the fields that make numbers
 comparable (GPU, CUDA, torch/diffusers/transformers/accelerate versions, CPU, OS).
+
+``doctor`` holds the warn and fail findings of :func:`harness.doctor.diagnose` (as dicts) at
+the time of collection: it describes the machine's state (clocks, other processes, …), not
+its kind, so it is not a comparable field — the report shows it beside the figures instead.
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ def collect() -> dict[str, Any]:
         env["gpu_name"] = props.name
         env["gpu_memory_gb"] = round(props.total_memory / 1024**3, 1)
         env["driver"] = _nvidia_driver()
+    from harness import doctor
+
+    env["doctor"] = doctor.recorded()
     return env
 
 

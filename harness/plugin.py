@@ -75,7 +75,9 @@ EXTRA_METRICS = (
     "load_s",
     "first_call_s",
 )
-ENV_EXTRA = ("gpu_name", "gpu_count", "gpu_memory_gb", "driver", "cuda", "torch", "diffusers")
+ENV_EXTRA = (
+    "gpu_name", "gpu_count", "gpu_memory_gb", "driver", "cuda", "torch", "diffusers", "doctor"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -24,6 +24,7 @@ from .zoo import (
     install_in_hf_cache,
     list_models,
     materialize,
+    materialize_formats,
     model_dir,
     write_model,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "list_models",
     "lora_targets",
     "materialize",
+    "materialize_formats",
     "merge_loras",
     "model_spec",
     "model_dir",

@@ -368,7 +368,7 @@ def write_config_folder(spec: ModelSpec, folder: Path, components: Any = None) -
 
 
 def write_hub_folder(spec: ModelSpec, components: Any, folder: Path) -> Path:
-    """The full hub folder of ``components`` (fp32 safetensors weights) in ``folder``."""
+    """The full hub folder of ``components`` (safetensors weights in their dtype) in ``folder``."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a bar per shard would interleave run output

@@ -10,7 +10,9 @@ CLIP ViT-L/14 text encoder, KL-f8 VAE). ``tiny`` keeps the same structure (f8 VA
 on the first UNet level and in the middle, GroupNorm of 32) at widths that run in
 milliseconds on a CPU; its widths are multiples of 32 because the original modules
 hard-code 32 normalisation groups. ``tiny-inpaint`` / ``sd15-inpaint`` are the same with the
-9-channel UNet input of the inpainting releases.
+9-channel UNet input of the inpainting releases. Every model has an fp16 twin (``tiny-fp16``,
+``sd15-fp16``, …): the same weights stored in fp16, for fp16 runs (half the disk and memory
+to synthesise and load).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from typing import Any
 
 #: Bumped whenever synthesis changes in a way that changes the written tensors.
 ZOO_FORMAT_VERSION = 1
+#: Storage dtypes of synthesised weights (torch's names: ``getattr(torch, name)``).
+WEIGHTS_DTYPES: tuple[str, ...] = ("float32", "float16")
+#: Suffix of the zoo name of a spec's fp16 twin (``sd15-fp16``).
+FP16_SUFFIX = "-fp16"
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,19 @@ class ModelSpec:
     #: Hub-style repo id under which the zoo places the model in a local HF cache.
     repo_id: str = ""
     tokenizer: dict[str, Any] = field(default_factory=dict)
+    #: The torch dtype the weights are stored in (``float32``; ``float16`` for the ``-fp16``
+    #: twins). Every tensor is drawn in fp32 from its own generator and cast at once, so a
+    #: twin holds its fp32 model's weights rounded, and no fp32 copy of it is ever built.
+    weights_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(
+                f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {self.weights_dtype!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "description": self.description,
             "unet": self.unet,
@@ -54,6 +70,9 @@ class ModelSpec:
             "repo_id": self.repo_id,
             "zoo_format_version": ZOO_FORMAT_VERSION,
         }
+        if self.weights_dtype != "float32":  # fp32 specs keep their fingerprints and caches
+            data["weights_dtype"] = self.weights_dtype
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -271,6 +290,22 @@ def _inpaint_variant(name: str, base: ModelSpec) -> ModelSpec:
 SPECS.update(
     {name: _inpaint_variant(name, SPECS[base]) for name, base in INPAINT_VARIANTS.items()}
 )
+
+
+def _fp16_twin(base: ModelSpec) -> ModelSpec:
+    name = base.name + FP16_SUFFIX
+    return dataclasses.replace(
+        base,
+        name=name,
+        description=f"{base.name} with its weights stored in fp16",
+        repo_id=f"sdbench/{name}",
+        weights_dtype="float16",
+    )
+
+
+#: fp16 twins (``tiny-fp16``, ``sd15-fp16``, …): the same weights, rounded to fp16 as they are
+#: drawn, so a model synthesised for an fp16 run is half the size and never exists in fp32.
+SPECS.update({spec.name + FP16_SUFFIX: _fp16_twin(spec) for spec in list(SPECS.values())})
 
 
 def base_spec(spec: ModelSpec) -> ModelSpec:

@@ -100,14 +100,21 @@ def init_scale(module: nn.Module, param: str, shape: torch.Size) -> tuple[float,
     raise TypeError(f"no synthetic init for {type(module).__name__}.{param} {tuple(shape)}")
 
 
-def synthetic_state_dict(model: nn.Module, seed: int, component: str) -> dict[str, torch.Tensor]:
-    """Random values for every parameter of ``model`` (which may live on the meta device)."""
+def synthetic_state_dict(
+    model: nn.Module, seed: int, component: str, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random values for every parameter of ``model`` (which may live on the meta device).
+
+    Each tensor is drawn in fp32 and cast to ``dtype`` at once, so only one fp32 tensor
+    exists at a time and the values are the fp32 model's, rounded.
+    """
     state: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules():
         for param, value in module.named_parameters(recurse=False):
             name = f"{module_name}.{param}" if module_name else param
             mean, std = init_scale(module, param, value.shape)
-            state[name] = seeded_normal(value.shape, mean, std, seed, f"{component}.{name}")
+            drawn = seeded_normal(value.shape, mean, std, seed, f"{component}.{name}")
+            state[name] = drawn if dtype == torch.float32 else drawn.to(dtype)
     return state
 
 
@@ -127,14 +134,16 @@ def empty_components(spec: ModelSpec) -> Components:
 
 
 def synthesize(spec: ModelSpec, seed: int | None = None) -> Components:
-    """Build the components of ``spec`` with seeded random weights (fp32, CPU, eval mode).
+    """Build the components of ``spec`` with seeded random weights (CPU, eval mode), in the
+    spec's ``weights_dtype`` (fp32, or fp16 for the ``-fp16`` twins).
 
     ``seed`` overrides ``spec.seed`` (tests use it to check that the seed matters).
     """
     seed = spec.seed if seed is None else seed
+    dtype = getattr(torch, spec.weights_dtype)
     components = empty_components(spec)
     for name, model in components.items():
-        state = synthetic_state_dict(model, seed, name)
+        state = synthetic_state_dict(model, seed, name, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
     return components

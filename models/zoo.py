@@ -15,6 +15,7 @@ offline.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -27,7 +28,7 @@ from harness.errors import UserError
 
 from .convert import write_config_folder, write_hub_folder, write_single_file
 from .specs import SPECS, ModelSpec
-from .synth import empty_components, parameter_counts, synthesize
+from .synth import Components, empty_components, parameter_counts, synthesize
 
 FORMATS = ("hub", "safetensors", "ckpt")
 
@@ -94,20 +95,31 @@ def materialize(name: str, fmt: str = "hub") -> Path:
 
     Synthesises and writes it on first use; later calls return the cached path untouched.
     """
-    _check_format(fmt)
+    return materialize_formats(name, (fmt,))[fmt]
+
+
+def materialize_formats(name: str, formats: Iterable[str]) -> dict[str, Path]:
+    """The cached paths of zoo model ``name`` in each of ``formats``, as :func:`materialize`;
+    the formats not cached yet are written from one synthesis."""
+    formats = tuple(formats)
+    for fmt in formats:
+        _check_format(fmt)
     spec = zoo_spec(name)
-    target = model_dir(name) / _entry_name(name, fmt)
-    if target.exists():
-        return target
+    targets = {fmt: model_dir(name) / _entry_name(name, fmt) for fmt in formats}
+    synthesised: list[Components] = []  # synthesised on the first missing format, once
 
-    def build(path: Path) -> None:
-        components = synthesize(spec)
+    def build(path: Path, fmt: str) -> None:
+        if not synthesised:
+            synthesised.append(synthesize(spec))
         if fmt == "hub":
-            write_hub_folder(spec, components, path)
+            write_hub_folder(spec, synthesised[0], path)
         else:
-            write_single_file(spec, components, path)
+            write_single_file(spec, synthesised[0], path)
 
-    return _atomic_create(target, build)
+    for fmt, target in targets.items():
+        if not target.exists():
+            _atomic_create(target, functools.partial(build, fmt=fmt))
+    return targets
 
 
 def config_folder(spec_name: str | ModelSpec) -> Path:

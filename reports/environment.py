@@ -3,6 +3,7 @@
 A results frame carries the environment as ``env.<field>`` columns and a short
 ``env_fingerprint``. Usually a report holds one environment; merged runs, or a baseline
 beside the current run, give several columns, and rows whose values differ are marked.
+The ``doctor`` row summarises the recorded findings (:mod:`reports.doctor` lists them).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from reports import doctor
 from reports.formatting import text
 
 #: Known fields, in display order; other ``env.*`` columns follow in frame order.
@@ -34,6 +36,7 @@ ENV_FIELDS: tuple[str, ...] = (
     "ram_gb",
     "os",
     "harness_commit",
+    doctor.FIELD,
 )
 _PREFIX = "env."
 
@@ -106,6 +109,7 @@ def environment_table(envs: Sequence[Environment]) -> EnvTable:
         names += [f for f in env.fields if f not in names]
     rows = []
     for field in names:
-        values = tuple(text(env.fields.get(field)) for env in envs)
+        show = doctor.summary if field == doctor.FIELD else text
+        values = tuple(show(env.fields.get(field)) for env in envs)
         rows.append(EnvRow(field, values, differs=len(set(values)) > 1))
     return EnvTable(headings=tuple(env.heading for env in envs), rows=tuple(rows))

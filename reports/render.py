@@ -36,6 +36,7 @@ from reports.cells import (
 )
 from reports.charts import BarChart, LineChart, its_charts, memory_chart
 from reports.conformance import Conformance, Outcome, ParityRow, build_conformance
+from reports.doctor import DoctorNote, EnvDoctor, environment_notes, table_notes
 from reports.environment import EnvTable, environment_table, environments
 from reports.table import Row, Slot, Table, build_tables, latest_records
 from reports.verdicts import VerdictIndex, VerdictSummary, css_class, from_frame, summarize
@@ -51,6 +52,8 @@ class ScenarioSection:
     table: Table
     its_charts: tuple[LineChart, ...]
     memory_chart: BarChart | None
+    #: The doctor's findings that bear on this table's figures.
+    doctor: tuple[DoctorNote, ...] = ()
 
     @property
     def anchor(self) -> str:
@@ -79,6 +82,8 @@ class Report:
     conformance: Conformance = field(default_factory=Conformance)
     #: An A/B run's verdicts (``python -m harness ab``), or None.
     ab: ABSection | None = None
+    #: The doctor's findings recorded in each environment.
+    doctor: tuple[EnvDoctor, ...] = ()
 
     @property
     def failures(self) -> tuple[CellDetail, ...]:
@@ -134,8 +139,15 @@ def build_report(
     verdict_list = from_frame(verdicts)
     index = VerdictIndex(verdict_list) if verdicts is not None else None
     tables = build_tables(frame, baseline=baseline, verdicts=index)
+    records = latest_records(frame).to_dict(orient="records") if not frame.empty else []
     sections = tuple(
-        ScenarioSection(table, tuple(its_charts(table)), memory_chart(table)) for table in tables
+        ScenarioSection(
+            table,
+            tuple(its_charts(table)),
+            memory_chart(table),
+            table_notes(r for r in records if str(r.get("scenario")) == table.scenario),
+        )
+        for table in tables
     )
     resolve = resolve_image or image_resolver(image_root)
     details = build_details(frame, resolve)
@@ -159,6 +171,7 @@ def build_report(
         anchors={(d.scenario, d.cell_id): d.anchor for d in details},
         conformance=build_conformance(frame, resolve),
         ab=build_ab(ab),
+        doctor=environment_notes(envs),
     )
 
 
@@ -253,6 +266,16 @@ def md_outcome(outcome: Outcome) -> str:
     return outcome_text(outcome) + (f" ({note})" if note else "")
 
 
+def md_doctor(note: DoctorNote) -> str:
+    """A doctor finding for Markdown: ``**warn** clocks: … → … (affects it/s)``."""
+    text = f"**{note.status}** {', '.join(note.checks)}: {note.detail}"
+    if note.advice:
+        text += f" → {note.advice}"
+    if note.affects:
+        text += f" (affects {note.affects_text})"
+    return formatting.md_cell(text)
+
+
 def parity_limits(row: ParityRow) -> str:
     """``≤ 0.001, ≥ 40.0 dB``: the dtype's parity limits, ``-`` when unknown."""
     if row.max_rel_err is None or row.min_psnr_db is None:
@@ -290,6 +313,7 @@ def _environment() -> Environment:
         outcome_title=outcome_title,
         md_outcome=md_outcome,
         parity_limits=parity_limits,
+        md_doctor=md_doctor,
     )
     return env
 

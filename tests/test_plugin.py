@@ -202,3 +202,24 @@ def test_regression_against_a_doctored_baseline_fails_the_item(
     )
     html = (pytester.path / "report.html").read_text(encoding="utf-8")
     assert CPU in html
+
+
+def test_extra_metrics_are_fields_the_measurement_produces() -> None:
+    """Every name copied into ``benchmark.extra_info`` is a key of ``Measurement.summary``
+    (a renamed or misspelt metric would silently never reach the JSON)."""
+    from dataclasses import fields
+
+    from harness.measure import Measurement, MemoryPeaks, Timing
+    from harness.plugin import EXTRA_METRICS
+
+    measurement = Measurement.from_timings(
+        batch=1,
+        steps=2,
+        timings=[Timing(wall=1.0, encode=0.1, denoise=0.8, decode=0.1, steps=(0.4, 0.4))],
+        first_call_s=1.0,
+        load_s=1.0,
+        memory=MemoryPeaks(cpu_rss_sampled_gb=1.0, cpu_rss_os_peak_gb=None),
+    )
+    produced = set(measurement.summary())
+    assert {f.name for f in fields(MemoryPeaks)} <= produced
+    assert [name for name in EXTRA_METRICS if name not in produced] == []
