@@ -27,7 +27,7 @@
 #   pytest     90         45         45
 #   table-*    60/60/120  60/15/15   40 / 40 / 100 (none / medvram / lowvram)
 #   compile    150        60         120  (two first compilations)
-#   report     20         20         10
+#   report     30         30         10
 #   deadline   480        180
 #
 # The machine: a CUDA build of torch, no network. Its image (Python 3.12) has torch,
@@ -84,10 +84,10 @@ export HF_HUB_CACHE="${HF_HUB_CACHE:-$WORK/hf}"
 if [ "$DRY" = 1 ]; then
     MODE="dry run (CPU, tiny)"; DEADLINE=180; MODEL=tiny-fp16
     SCENARIO=scenarios/gpu-check-dry.yaml
-    CAPS=(30 20 30 45 60 15 15 60 20); COMPILE_FLOOR=30; EARLY_RESERVE=40
+    CAPS=(30 20 30 45 60 15 15 60 30); COMPILE_FLOOR=30; EARLY_RESERVE=40
 else
     MODE="GPU"; DEADLINE=480; MODEL=sd15-fp16; SCENARIO=scenarios/gpu-check.yaml
-    CAPS=(40 20 90 90 60 60 120 150 20); COMPILE_FLOOR=60; EARLY_RESERVE=120
+    CAPS=(40 20 90 90 60 60 120 150 30); COMPILE_FLOOR=60; EARLY_RESERVE=120
 fi
 REPORT_CAP=${CAPS[8]}
 FLOOR=10  # a stage that would get less than this is skipped
