@@ -85,7 +85,7 @@ def test_both_backends_conform_on_tiny(tmp_path: Path, sampler: str) -> None:
         {"backend": ["original", "diffusers"], "source": "safetensors", "sampler": sampler},
         checks=["determinism", "semantics", "parity"],
     )
-    results = Runner(tmp_path, progress=False).run(cells)
+    results = Runner(tmp_path, progress=False, isolate="none").run(cells)
     original, diffusers = results
     assert original.status == diffusers.status == "ok"
     assert not any_failed(results)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
     cells = expand(load_scenario(ROOT / "scenarios/conformance.yaml"))
-    ran = Runner(tmp_path_factory.mktemp("conformance"), progress=False).run(cells)
+    ran = Runner(tmp_path_factory.mktemp("conformance"), progress=False, isolate="none").run(cells)
     assert not any_failed(ran), [
         (r.cell.id, r.reason, r.metrics.get("check_results")) for r in ran if r.status != "ok"
         and r.status != "unsupported" or r.metrics.get("checks_failed")
@@ -138,7 +138,7 @@ def test_bad_inputs_fail_their_cell_and_the_run_goes_on(tmp_path: Path) -> None:
             ],
         },
     }
-    results = Runner(tmp_path / "out", progress=False).run(expand(parse_scenario(data, "b.yaml")))
+    results = Runner(tmp_path / "out", progress=False, isolate="none").run(expand(parse_scenario(data, "b.yaml")))
     assert [r.status for r in results].count("ok") == 2
     failed = [r for r in results if r.status != "ok"]
     assert len(failed) == 6 and all(r.status == "error" for r in failed)

@@ -249,7 +249,7 @@ def test_bad_lora_is_that_cells_error_and_the_run_goes_on(tmp_path: Path) -> Non
         "warmup": 0,
         "matrix": TINY | {"steps": 2, "lora": [f"{path}@1", "none"]},
     }
-    results = Runner(None, progress=False).run(expand(parse_scenario(data, "t.yaml")))
+    results = Runner(None, progress=False, isolate="none").run(expand(parse_scenario(data, "t.yaml")))
     by_lora = {result.cell.lora: result for result in results}
     assert by_lora["none"].status == "ok"
     failed = by_lora[f"{path}@1"]

@@ -24,7 +24,7 @@ def _cells(matrix: dict, **settings) -> list:
 
 
 def test_measurement_fields_present_and_positive(tmp_path: Path) -> None:
-    runner = Runner(tmp_path, progress=False)
+    runner = Runner(tmp_path, progress=False, isolate="none")
     results = runner.run(_cells({"batch": [1, 2]}))
     assert [r.status for r in results] == ["ok", "ok"]
     frame = load(tmp_path)
@@ -94,7 +94,7 @@ def test_a_failing_cell_does_not_stop_the_run(tmp_path: Path) -> None:
             ],
         }
     )
-    results = Runner(tmp_path, progress=False).run(cells)
+    results = Runner(tmp_path, progress=False, isolate="none").run(cells)
     by_id = {r.cell.id: r for r in results}
     statuses = {r.cell.model if "missing" in r.cell.model else r.cell.id: r.status for r in results}
     assert list(statuses.values()).count("ok") == 2
@@ -112,7 +112,7 @@ def test_a_failing_cell_does_not_stop_the_run(tmp_path: Path) -> None:
 
 def test_timeout_is_recorded(tmp_path: Path) -> None:
     cells = _cells({"steps": 40}, timeout_s=0.001)
-    result = Runner(tmp_path, progress=False).run(cells)[0]
+    result = Runner(tmp_path, progress=False, isolate="none").run(cells)[0]
     assert result.status == "timeout"
     assert "timeout" in result.reason
 

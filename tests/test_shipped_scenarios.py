@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_sd15_table_without_cuda_is_unsupported_with_a_reason(tmp_path: Path) -> None:
     cells = expand(load_scenario(ROOT / "scenarios/sd15-table.yaml"))
     assert len(cells) == 35
-    results = Runner(tmp_path, progress=False).run(cells)
+    results = Runner(tmp_path, progress=False, isolate="none").run(cells)
     assert {r.status for r in results} == {"unsupported"}
     assert all("CUDA" in (r.reason or "") for r in results)
 
@@ -31,7 +31,7 @@ def test_a_tiny_copy_of_the_sd15_table_runs_on_both_backends(tmp_path: Path) -> 
         model="tiny", device="auto", dtype="fp32", resolution=64, steps=4, batch=[1, 2]
     )
     cells = expand(parse_scenario(data, "table-copy.yaml"))
-    results = Runner(tmp_path, progress=False).run(cells)
+    results = Runner(tmp_path, progress=False, isolate="none").run(cells)
     assert not any_failed(results), [(r.cell.id, r.reason) for r in results if r.status != "ok"]
     by_id = {r.cell.id: r for r in results}
     for backend, source in (("original", "safetensors"), ("diffusers", "hub"),

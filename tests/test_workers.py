@@ -2,6 +2,9 @@
 
 Every test runs real workers (``python -m harness.worker``) on the tiny zoo model on the CPU,
 and hurts them the way real backends do: SIGKILL, SIGSTOP, a process that exits mid-step.
+(Tests about backends and conformance run their cells in-process, ``isolate="none"``, to keep
+the suite fast; the worker path is tested here and end to end in test_cli, test_plugin and
+test_ab.)
 """
 
 from __future__ import annotations
