@@ -209,7 +209,7 @@ def test_extra_metrics_are_fields_the_measurement_produces() -> None:
     (a renamed or misspelt metric would silently never reach the JSON)."""
     from dataclasses import fields
 
-    from harness.measure import Measurement, MemoryPeaks, Timing
+    from harness.measure import Baseline, Measurement, MemoryPeaks, Timing
     from harness.plugin import EXTRA_METRICS
 
     measurement = Measurement.from_timings(
@@ -219,6 +219,7 @@ def test_extra_metrics_are_fields_the_measurement_produces() -> None:
         first_call_s=1.0,
         load_s=1.0,
         memory=MemoryPeaks(cpu_rss_sampled_gb=1.0, cpu_rss_os_peak_gb=None),
+        baseline=Baseline(cpu_rss_gb=0.5),  # the executor always measures from one
     )
     produced = set(measurement.summary())
     assert {f.name for f in fields(MemoryPeaks)} <= produced
