@@ -245,6 +245,11 @@ class CellExecutor:
     def close(self) -> None:
         self._release()
 
+    @property
+    def session(self) -> Session | None:
+        """The loaded session (the last cell's load key), for benchmarks of the harness."""
+        return None if self._loaded is None else self._loaded.session
+
     def result(self, cell: Cell, status: str, **fields: Any) -> Result:
         return Result(
             run_id=self.run_id,

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from harness.scenario import AXES, DEFAULT_LOAD_TIMEOUT_S, Scenario
+from harness.scenario import AXES, DEFAULT_LOAD_TIMEOUT_S, DEFAULT_NOISE_LIMIT, Scenario
 
 #: Axes that change what is loaded; the others vary within one loaded session.
 LOAD_AXES: tuple[str, ...] = (
@@ -115,9 +115,11 @@ def _id_part(axis: str, value: Any) -> str:
     return str(value).replace("/", "_").replace(":", "_")
 
 
-#: Cell fields that say where a cell came from or how long it may take, not what it measures.
+#: Cell fields that say where a cell came from, how long it may take or how its figures are
+#: read, not what it measures.
 _NOT_WORKLOAD = frozenset(
-    {"id", "scenario_path", "scenario_fingerprint", "timeout_s", "load_timeout_s"}
+    {"id", "scenario_path", "scenario_fingerprint", "timeout_s", "load_timeout_s",
+     "noise_limit"}
 )
 
 
@@ -163,6 +165,8 @@ class Cell:
     embedding: str = "none"
     checks: tuple[str, ...] = ()
     load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S
+    #: The scenario's ``thresholds.noise``: the it/s CV beyond which the cell reads as noisy.
+    noise_limit: float = DEFAULT_NOISE_LIMIT
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -272,6 +276,7 @@ def expand(scenario: Scenario) -> list[Cell]:
                 warmup=scenario.warmup,
                 timeout_s=scenario.timeout_s,
                 load_timeout_s=scenario.load_timeout_s,
+                noise_limit=scenario.thresholds.noise,
                 checks=tuple(scenario.checks),
                 **combo,
             )

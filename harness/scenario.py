@@ -145,6 +145,9 @@ def _as_list(value: Any) -> Any:
 
 #: Default wall-clock budget of one model load (seconds): generous, it only stops a hang.
 DEFAULT_LOAD_TIMEOUT_S = 1800.0
+#: A cell whose it/s varies more than this over its repeats (coefficient of variation) is
+#: marked noisy in every table that shows it/s.
+DEFAULT_NOISE_LIMIT = 0.05
 _STRICT = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 #: One combination of axis values, every key optional (an ``include`` / ``exclude`` entry).
@@ -176,12 +179,14 @@ class Matrix(_MatrixAxes):  # type: ignore[misc,valid-type]
 
 
 class Thresholds(BaseModel):
-    """Relative changes a regression verdict must exceed (0.05 = 5%)."""
+    """Relative changes a regression verdict must exceed (0.05 = 5%), and the spread over
+    a cell's repeats beyond which its it/s is marked noisy (``noise``, a CV)."""
 
     model_config = _STRICT
     speed: float = Field(0.05, gt=0, lt=1)
     memory: float = Field(0.10, gt=0, lt=10)
     load: float = Field(0.25, gt=0, lt=10)
+    noise: float = Field(DEFAULT_NOISE_LIMIT, gt=0, lt=1)
 
 
 CheckName = Literal["determinism", "parity", "semantics"]

@@ -67,6 +67,18 @@ def percent(value: Any) -> str:
     return MISSING if v is None else f"{v * 100:.1f}%"
 
 
+def spread(value: Any) -> str:
+    """A figure's spread over its repeats (a CV): ``0.034`` -> ``±3.4%``, ``0.12`` -> ``±12%``."""
+    v = number(value)
+    if v is None:
+        return MISSING
+    return f"±{v * 100:.1f}%" if v < 0.1 else f"±{v * 100:.0f}%"
+
+
+#: The word that marks a figure whose spread is beyond the scenario's noise limit.
+NOISY = "noisy"
+
+
 def change(value: Any) -> str:
     """A relative change, signed: ``-0.12`` -> ``-12.0%``."""
     v = number(value)
@@ -163,6 +175,7 @@ FORMATTERS: dict[str, Callable[[Any], str]] = {
     "s": seconds,
     "ms": ms,
     "pct": percent,
+    "spread": spread,
     "change": change,
     "p": p_value,
     "int": integer,

@@ -185,11 +185,23 @@ def slot_text(slot: Slot) -> str:
     return formatting.its(slot.its) if slot.ok else slot.status
 
 
+def slot_spread(slot: Slot) -> str:
+    """``±3.4%`` (its spread over the repeats), ``±12% noisy``; empty without a spread."""
+    if not slot.ok or slot.cv is None:
+        return ""
+    text = formatting.spread(slot.cv)
+    return f"{text} {formatting.NOISY}" if slot.noisy else text
+
+
 def slot_title(slot: Slot) -> str:
-    """The hover text of a slot: cell id, reason, baseline and verdict."""
+    """The hover text of a slot: cell id, reason, spread, baseline and verdict."""
     parts = [slot.cell_id or f"no cell at batch {slot.batch}"]
     if slot.reason:
         parts.append(slot.reason)
+    if slot.ok and slot.cv is not None:
+        parts.append(f"spread {formatting.spread(slot.cv)} over the repeats (CV)"
+                     + (f", beyond the noise limit {formatting.spread(slot.noise_limit)}"
+                        if slot.noisy else ""))
     if slot.baseline_its is not None:
         parts.append(f"baseline {formatting.its(slot.baseline_its)} it/s")
     if slot.verdict is not None:
@@ -203,8 +215,11 @@ def slot_title(slot: Slot) -> str:
 
 
 def md_slot(slot: Slot) -> str:
-    """A slot for Markdown: the figure, plus the change when it is a verdict worth seeing."""
+    """A slot for Markdown: the figure with its spread, plus the change when it is a verdict
+    worth seeing."""
     text = slot_text(slot)
+    if spread := slot_spread(slot):
+        text += f" {spread}"
     verdict = slot.verdict
     if verdict is not None and verdict.verdict in ("regression", "improvement"):
         arrow = "▼" if verdict.verdict == "regression" else "▲"
@@ -304,6 +319,7 @@ def _environment() -> Environment:
         md=formatting.md_cell,
         slot_text=slot_text,
         slot_title=slot_title,
+        slot_spread=slot_spread,
         md_slot=md_slot,
         md_memory=md_memory,
         verdict_class=css_class,
@@ -315,6 +331,7 @@ def _environment() -> Environment:
         parity_limits=parity_limits,
         md_doctor=md_doctor,
     )
+    env.globals["NOISY"] = formatting.NOISY
     return env
 
 

@@ -8,7 +8,10 @@ rows never share a label and no row merges cells that differ in anything but the
 
 The **columns** are it/s per batch size (one slot per batch size seen in the scenario) and
 memory: the largest ``cpu_peak_gb`` and ``gpu_allocated_peak_gb`` over the row's ok cells.
-A slot whose cell did not run ok carries its status instead of a figure.
+A slot whose cell did not run ok carries its status instead of a figure. An ok slot also
+carries its spread over the repeats (``its_cv``) and is **noisy** when that spread is beyond
+the scenario's noise limit (``thresholds.noise``, recorded per cell as ``noise_limit``), so
+nobody reads two figures apart by less than their noise as a finding.
 
 Only the newest record of each cell counts (:func:`latest_records`). Numbers stay unrounded
 here; :mod:`reports.formatting` rounds them for display.
@@ -22,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.scenario import DEFAULT_NOISE_LIMIT
 from reports.formatting import embedding_label, lora_label, number
 from reports.verdicts import SPEED_METRIC, Verdict, VerdictIndex
 
@@ -95,10 +99,19 @@ class Slot:
     baseline_its: float | None = None
     #: ``compare``'s verdict for this cell's it/s, when verdicts are given.
     verdict: Verdict | None = None
+    #: The it/s spread over the repeats (``its_cv``); None for a single repeat.
+    cv: float | None = None
+    #: The scenario's noise limit for this cell (``thresholds.noise``).
+    noise_limit: float = DEFAULT_NOISE_LIMIT
 
     @property
     def ok(self) -> bool:
         return self.status == "ok" and self.its is not None
+
+    @property
+    def noisy(self) -> bool:
+        """The figure's spread over its repeats is beyond the scenario's noise limit."""
+        return self.ok and self.cv is not None and self.cv > self.noise_limit
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,17 @@ class Table:
     @property
     def memory_header(self) -> str:
         return MEMORY_HEADER
+
+    @property
+    def has_spread(self) -> bool:
+        """Some figure has a spread over repeats to show."""
+        return any(slot.ok and slot.cv is not None for row in self.rows for slot in row.slots)
+
+    @property
+    def noise_limits(self) -> tuple[float, ...]:
+        """The noise limits of the table's ok cells (one, unless merged runs differ)."""
+        return tuple(sorted({slot.noise_limit for row in self.rows for slot in row.slots
+                             if slot.ok}))
 
 
 def latest_records(frame: pd.DataFrame) -> pd.DataFrame:
@@ -355,6 +379,9 @@ def _slot(
     baseline_its = (
         number(baseline.get("its")) if baseline and baseline.get("status") == "ok" else None
     )
+    repeats = record.get("its_repeats")
+    single = not isinstance(repeats, list | tuple) or len(repeats) < 2
+    noise_limit = number(record.get("noise_limit"))
     return Slot(
         batch=batch,
         cell_id=cell_id,
@@ -363,4 +390,6 @@ def _slot(
         reason=_value(record, "reason"),
         baseline_its=baseline_its,
         verdict=verdicts.get(scenario, cell_id, SPEED_METRIC) if verdicts else None,
+        cv=None if status != "ok" or single else number(record.get("its_cv")),
+        noise_limit=DEFAULT_NOISE_LIMIT if noise_limit is None else noise_limit,
     )

@@ -206,6 +206,48 @@ def test_latest_record_of_a_cell_wins(tmp_path: Path) -> None:
     assert build_report(load(directory)).cells == 1
 
 
+def test_spread_shown_and_noisy_cells_marked_against_the_scenario_limit(tmp_path: Path) -> None:
+    """Identical weights read 38.2, 28.0 and 33.6 it/s: the table says that is noise."""
+    stamp = "2025-01-01T00:00:00+00:00"
+    steady = metrics_for(33.0, 1, 20, 1.0, None)
+    jumpy = metrics_for(33.0, 1, 20, 1.0, None)
+    jumpy["its_repeats"] = [38.2, 28.0, 33.6]
+    jumpy["its_cv"] = 0.12
+    single = {**metrics_for(30.0, 1, 20, 1.0, None), "its_repeats": [30.0], "its_cv": 0.0}
+    directory = _store(tmp_path, [
+        (_cell("s", "steady-b1", noise_limit=0.1), steady, stamp),
+        (_cell("s", "jumpy-b1", source="safetensors", noise_limit=0.1), jumpy, stamp),
+        (_cell("s", "single-b1", source="ckpt", noise_limit=0.1), single, stamp),
+    ])
+    frame = load(directory)
+    slots = {row.label: row.slots[0] for row in build_tables(frame)[0].rows}
+    assert not slots["diffusers"].noisy and slots["diffusers"].cv == pytest.approx(0.0082)
+    assert slots["diffusers with safetensors"].noisy  # CV 12% > the scenario's 10%
+    assert slots["diffusers with ckpt"].cv is None and not slots["diffusers with ckpt"].noisy
+    md = render(frame, "md")
+    assert "| diffusers | 33.00 ±0.8% | 1.0 / - |" in md
+    assert "| diffusers with safetensors | 33.00 ±12% noisy | 1.0 / - |" in md
+    assert "| diffusers with ckpt | 30.00 | 1.0 / - |" in md
+    assert "*noisy*: beyond the noise limit (±10%)" in md
+    html = render(frame, "html")
+    assert html.count('<span class="noisy-mark">noisy</span>') == 2  # the slot and the legend
+    assert "beyond the noise limit ±10%" in html  # the slot's hover text
+
+
+def test_scenario_noise_limit_reaches_every_cell(tmp_path: Path) -> None:
+    from harness.matrix import expand
+    from harness.scenario import load_scenario
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nthresholds: {noise: 0.02}\nmatrix: {backend: [diffusers]}\n")
+    cells = expand(load_scenario(path))
+    assert {cell.noise_limit for cell in cells} == {0.02}
+    plain = tmp_path / "p.yaml"
+    plain.write_text("name: s\nmatrix: {backend: [diffusers]}\n")
+    moved = expand(load_scenario(plain))[0]
+    assert moved.noise_limit == 0.05 and moved.fingerprint() == cells[0].fingerprint()
+
+
 # --- HTML ---------------------------------------------------------------------------------
 
 
@@ -268,10 +310,11 @@ def test_markdown_table_and_status_line(frame: pd.DataFrame) -> None:
     header = "| pipeline | performance it/s (batch 1 / 2 / 4 / 8 / 16) | memory cpu/gpu (GB) |"
     start = lines.index(header)
     assert lines[start + 1] == "| --- | --- | --- |"
-    assert lines[start + 2] == "| original | 7.99 / 7.93 / 8.83 / 9.14 / 9.20 | 6.7 / 7.2 |"
-    assert lines[start + 8] == "| diffusers with safetensors | 8.90 / 7.30 / 8.10 / 8.40 / 7.10 " \
-                               "| 5.9 / 9.0 |"
-    assert "| diffusers | 12.50 / error / oom | 0.61 / - |" in lines
+    assert lines[start + 2] == ("| original | 7.99 ±0.8% / 7.93 ±0.8% / 8.83 ±0.8% / 9.14 ±0.8% / 9.20 ±0.8% "
+                                  "| 6.7 / 7.2 |")
+    assert lines[start + 8] == ("| diffusers with safetensors | 8.90 ±0.8% / 7.30 ±0.8% / "
+                                  "8.10 ±0.8% / 8.40 ±0.8% / 7.10 ±0.8% | 5.9 / 9.0 |")
+    assert "| diffusers | 12.50 ±0.8% / error / oom | 0.61 / - |" in lines
     assert "| diffusers lowvram | unsupported / - / - | - / - |" in lines
 
 
@@ -320,7 +363,7 @@ def test_table_slots_carry_delta_and_verdict_colour(regression_html: str) -> Non
     slot = re.search(r'<a class="slot status-ok verdict-regression"[^>]*'
                      r'data-cell="diffusers-nooffload-hub-b4"[^>]*>(.*?)</a>', regression_html)
     assert slot is not None
-    assert '<span class="value">8.20</span><span class="delta">-12.2%</span>' == slot.group(1)
+    assert '<span class="value">8.20</span><span class="spread">±0.8%</span><span class="delta">-12.2%</span>' == slot.group(1)
     assert 'class="slot status-ok verdict-improvement"' in regression_html
     memory = re.search(r'<td class="memory verdict-regression"[^>]*>(.*?)</td>', regression_html,
                        re.S)
@@ -363,7 +406,8 @@ def test_markdown_verdict_for_a_pr_comment(frame: pd.DataFrame, baseline: pd.Dat
     assert ("| sd15-table::diffusers-nooffload-hub-b4 | it/s | 8.20 | 7.20 | -12.2% | 0.008 "
             "| 5.0% |  |") in md
     assert "| sd15-table::diffusers-medvram-hub-b2 | memory gpu | 7.2 GB | 8.2 GB | +13.9%" in md
-    assert "| diffusers | 9.00 / 7.40 / 8.20 ▼-12.2% / 8.40 / 7.00 | 4.3 / 9.0 |" in md
+    assert ("| diffusers | 9.00 ±0.8% / 7.40 ±0.8% / 8.20 ±0.8% ▼-12.2% / 8.40 ±0.8% / 7.00 ±0.8% "
+            "| 4.3 / 9.0 |") in md
     assert "| torch ≠ | 2.12.0 | 2.13.0 |" in md
 
 
