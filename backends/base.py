@@ -117,6 +117,16 @@ class Session(ABC):
             )
         return (batch, self.latent_channels, height // f, width // f)
 
+    def prepare(self, request: Request) -> None:  # noqa: B027 - optional hook
+        """Set up what ``request`` needs that is not the generation — its sampler, LoRA
+        weights, embeddings, workflow pipelines — so that :meth:`generate` finds it done.
+
+        The harness calls it before the clock starts (DESIGN.md: the timed wall is prompt
+        encoding, denoising and VAE decode). :meth:`generate` must still work without it, so
+        a session calls it from there too and makes the repeat cheap (e.g. a no-op when the
+        last prepared request needed the same).
+        """
+
     @abstractmethod
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         """Run one whole generation: encode prompt, denoise, decode."""
@@ -137,6 +147,13 @@ class Backend(ABC):
     #: Whether prompts longer than 75 tokens keep their tail (A1111-style chunking) or are
     #: truncated to the text encoder's 77 positions; a conformance check verifies the claim.
     long_prompts: ClassVar[bool] = False
+
+    def imports(self) -> None:  # noqa: B027 - optional hook
+        """Import the libraries :meth:`load` needs (lazily imported modules included).
+
+        The harness calls it before it starts a load's clock, so that ``load_s`` is files to
+        ready and not Python's imports; worker templates call it to preload them.
+        """
 
     def unsupported(self, cell: Cell, device: torch.device) -> str | None:
         """Why this backend cannot run ``cell`` on ``device`` here, or None if it can.

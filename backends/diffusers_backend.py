@@ -257,6 +257,8 @@ class DiffusersSession(Session):
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.unet_in_channels = int(pipe.unet.config.in_channels)
         self._sampler: tuple[str, int] | None = None
+        #: The request the last :meth:`prepare` set up (kept, so its identity stays unique).
+        self._prepared: Request | None = None
         #: img2img / inpaint pipelines (``from_pipe``), built on first use.
         self._workflow_pipes: dict[str, DiffusionPipeline] = {}
         self.loras = LoraAdapters(pipe)
@@ -358,6 +360,22 @@ class DiffusersSession(Session):
 
     # -- generation ------------------------------------------------------------------------
 
+    def prepare(self, request: Request) -> None:
+        """The request's checks, scheduler, LoRA adapters, embeddings and workflow pipeline;
+        a no-op when called again with the request prepared last (the timed repeats)."""
+        if request is self._prepared:
+            return
+        self._prepared = None
+        self._check_request(request)
+        self._use_sampler(request.sampler, request.seed)
+        self.loras.apply(request.loras)
+        self.embeddings.apply(request)
+        if request.workflow in ("img2img", "inpaint"):
+            self._pipeline(request.workflow)
+        elif request.workflow == "hires":
+            self._pipeline("img2img")
+        self._prepared = request
+
     def _check_request(self, request: Request) -> None:
         workflow = request.workflow
         if workflow not in WORKFLOWS:
@@ -390,10 +408,7 @@ class DiffusersSession(Session):
 
     @torch.no_grad()
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
-        self._check_request(request)
-        self._use_sampler(request.sampler, request.seed)
-        self.loras.apply(request.loras)
-        self.embeddings.apply(request)
+        self.prepare(request)
         pipe = self.pipe
         device = pipe._execution_device
         cfg = request.guidance > 1.0
@@ -664,6 +679,14 @@ class DiffusersBackend(Backend):
         if cell.attention == "xformers" and importlib.util.find_spec("xformers") is None:
             return "attention xformers: the xformers package is not installed"
         return sampler_problem(cell.sampler)
+
+    def imports(self) -> None:
+        import diffusers
+        import transformers  # noqa: F401 - the pipelines' text encoder and tokenizer
+
+        for name in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                     "StableDiffusionInpaintPipeline", "EulerDiscreteScheduler"):
+            getattr(diffusers, name)  # diffusers imports its classes on first access
 
     def load(self, cell: Cell, model: ResolvedModel, device: torch.device) -> Session:
         from diffusers import StableDiffusionPipeline

@@ -33,6 +33,7 @@ from backends.base import Output, Request, Session
 from harness import environment, inputs
 from harness.conformance import CheckContext, run_checks, to_uint8
 from harness.errors import UnsupportedError, UserError
+from harness.flops import step_figures, unet_config_path
 from harness.matrix import Cell
 from harness.measure import (
     Baseline,
@@ -183,6 +184,8 @@ class _Loaded:
     baseline: Baseline | None = None
     #: A load failure, reused for every cell of the group: (status, reason, type, traceback).
     failure: tuple[str, str, str | None, str | None] | None = None
+    #: The model's diffusers UNet config, for counting a step's FLOPs (:mod:`harness.flops`).
+    unet_config: Path | None = None
 
 
 @dataclass
@@ -292,15 +295,18 @@ class CellExecutor:
 
         on_phase("load", None)
         try:
+            backend = get_backend(cell.backend)
+            backend.imports()  # Python's imports are not the load's time
             baseline = Baseline.take(device)  # after the backend's imports, before the load
             model = resolve(cell.model, cell.source)  # may synthesise a zoo model: not timed
             start = time.perf_counter()
             with MemoryMonitor(device, baseline=baseline) as monitor:
-                session = get_backend(cell.backend).load(cell, model, device)
+                session = backend.load(cell, model, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             self._loaded = _Loaded(
-                key, session, time.perf_counter() - start, monitor.peaks(), baseline
+                key, session, time.perf_counter() - start, monitor.peaks(), baseline,
+                unet_config=unet_config_path(model.source, model.path, model.config_dir),
             )
         except Exception as error:  # noqa: BLE001 - every cell of the group reports it
             failed = self.failure(cell, error, device)
@@ -326,6 +332,7 @@ class CellExecutor:
         assert session is not None
         request = request_for(cell, session)
         on_phase("measure", None)
+        session.prepare(request)  # sampler, LoRA, embeddings: not the timed generation
         deadline = None if cell.timeout_s is None else time.perf_counter() + cell.timeout_s
         timings: list[Timing] = []
         outputs: list[Output] = []
@@ -366,6 +373,7 @@ class CellExecutor:
         metrics = measurement.summary()
         metrics["repeats_done"] = len(timings)
         metrics["denoise_steps"] = cell.denoise_steps
+        metrics.update(self._flops(cell, device, request, loaded, metrics))
         output = outputs[-1]
         checks = output_checks(output, cell)
         metrics.update(checks)
@@ -386,6 +394,26 @@ class CellExecutor:
         on_phase("checks", measured)
         metrics.update(self._checks(cell, device, session, request, output))
         return self.result(cell, "ok", metrics=metrics), output
+
+    def _flops(self, cell: Cell, device: torch.device, request: Request, loaded: _Loaded,
+               metrics: dict[str, Any]) -> dict[str, Any]:
+        """A step's FLOPs, the achieved TFLOP/s and the MFU (none for the hires fix, whose two
+        passes run at two sizes); a count that fails is noted, never the cell's failure."""
+        if cell.workflow == "hires":
+            return {}
+        try:
+            return step_figures(
+                loaded.unet_config,
+                latent_shape=tuple(request.noise.shape),
+                guidance=cell.guidance,
+                steps=cell.denoise_steps,
+                denoise_s=metrics.get("denoise_s"),
+                device=device.type,
+                gpu_name=self.env.get("gpu_name"),
+                dtype=cell.dtype,
+            )
+        except Exception as error:  # noqa: BLE001 - a figure about the figures
+            return {"flops_error": f"{type(error).__name__}: {error}"[:300]}
 
     def _checks(
         self, cell: Cell, device: torch.device, session: Session, request: Request, output: Output

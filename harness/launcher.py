@@ -22,6 +22,7 @@ The next cell after a kill or a crash starts a fresh worker.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import selectors
@@ -79,6 +80,148 @@ class WorkerDied(Exception):
     """The worker's event stream ended without a result."""
 
 
+class _Adopted:
+    """A worker forked by a template (:mod:`harness.zygote`) and adopted by this process:
+    the part of :class:`subprocess.Popen`'s interface the launcher uses."""
+
+    def __init__(self, pid: int, stdin: Any, stdout: Any) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its status is lost
+                self.returncode = -signal.SIGKILL
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+
+#: Variables that may differ between workers forked from one template (pytest sets this one
+#: per test); any other difference in the environment gets a template of its own.
+_PER_WORKER_VARIABLES = frozenset({"PYTEST_CURRENT_TEST"})
+#: Seconds a template gets for its imports, and to answer a fork.
+TEMPLATE_READY_S = 300.0
+TEMPLATE_FORK_S = 30.0
+#: Templates kept at once (one per environment seen; the oldest is closed).
+MAX_TEMPLATES = 2
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> bool:
+    """Make this process adopt its orphaned descendants (Linux); False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+class _Template:
+    """One ``python -m harness.zygote`` of this process, for workers of one environment."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        import socket
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = ours
+        self.owner = os.getpid()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "harness.zygote", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),),
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        theirs.close()
+        reply = self._reply(TEMPLATE_READY_S)
+        if not reply.get("ready"):
+            self.close()
+            raise OSError(f"worker template not ready: {reply.get('why', 'no answer')}")
+
+    def _reply(self, timeout: float) -> dict[str, Any]:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise OSError("the worker template closed its socket")
+        reply: dict[str, Any] = json.loads(data)
+        return reply
+
+    def fork(self, argv: list[str], environ: dict[str, str], fds: list[int]) -> int:
+        """Fork a worker with ``fds`` as its stdin, stdout and stderr; its pid."""
+        import socket
+
+        request = json.dumps({"argv": argv, "env": environ}).encode("utf-8")
+        socket.send_fds(self.sock, [request], fds)
+        return int(self._reply(TEMPLATE_FORK_S)["pid"])
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_templates: dict[frozenset[tuple[str, str]], _Template | None] = {}
+
+
+def _template_key(environ: dict[str, str]) -> frozenset[tuple[str, str]]:
+    return frozenset((k, v) for k, v in environ.items() if k not in _PER_WORKER_VARIABLES)
+
+
+def _template_for(environ: dict[str, str]) -> _Template | None:
+    """This process's template for ``environ``, started on first use; None where templates
+    cannot work here (then workers start as fresh interpreters)."""
+    key = _template_key(environ)
+    if key in _templates:
+        template = _templates[key]
+        if template is None or (template.owner == os.getpid() and template.process.poll() is None):
+            return template
+        del _templates[key]
+    if not _become_subreaper():
+        _templates[key] = None
+        return None
+    while len(_templates) >= MAX_TEMPLATES:
+        oldest = next(iter(_templates))
+        stale = _templates.pop(oldest)
+        if stale is not None and stale.owner == os.getpid():
+            stale.close()
+    try:
+        _templates[key] = _Template(environ)
+    except OSError:
+        _templates[key] = None
+    return _templates[key]
+
+
+@atexit.register
+def _close_templates() -> None:
+    for template in _templates.values():
+        if template is not None and template.owner == os.getpid():
+            template.close()
+    _templates.clear()
+
+
 class WorkerProcess:
     """One running ``python -m harness.worker`` and its JSON-lines streams."""
 
@@ -100,21 +243,46 @@ class WorkerProcess:
             command.append(NO_IMAGES)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env=spec.environ(),
-                start_new_session=True,  # its own process group: killed whole, no terminal ^C
-                bufsize=0,
-            )
+        environ = spec.environ()
+        forked = self._fork(command[3:], environ) if spec == WorkerSpec() else None
+        if forked is not None:
+            self.process: subprocess.Popen[bytes] | _Adopted = forked
+        else:
+            with log_path.open("wb") as log:
+                self.process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    env=environ,
+                    start_new_session=True,  # its own process group: killed whole, no ^C
+                    bufsize=0,
+                )
         assert self.process.stdout is not None and self.process.stdin is not None
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.process.stdout, selectors.EVENT_READ)
         self._buffer = b""
         self.pid = self.process.pid
+
+    def _fork(self, argv: list[str], environ: dict[str, str]) -> _Adopted | None:
+        """The worker forked from this process's template, or None (start it afresh)."""
+        template = _template_for(environ)
+        if template is None:
+            return None
+        stdin_read, stdin_write = os.pipe()
+        stdout_read, stdout_write = os.pipe()
+        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            pid = template.fork(argv, environ, [stdin_read, stdout_write, log])
+        except (OSError, ValueError, KeyError):
+            for fd in (stdin_write, stdout_read):
+                os.close(fd)
+            return None
+        finally:
+            for fd in (stdin_read, stdout_write, log):
+                os.close(fd)
+        return _Adopted(pid, os.fdopen(stdin_write, "wb", buffering=0),
+                        os.fdopen(stdout_read, "rb", buffering=0))
 
     def send(self, command: dict[str, Any]) -> None:
         assert self.process.stdin is not None
@@ -146,7 +314,10 @@ class WorkerProcess:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
-            pass
+            try:  # not yet the leader of its own session (a worker forked a moment ago)
+                os.kill(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.process.wait()
         self._close_streams()
 
@@ -165,7 +336,7 @@ class WorkerProcess:
             code = self.process.wait(5)
         except subprocess.TimeoutExpired:  # alive but its stream is closed: end it
             self.kill()
-            code = self.process.returncode
+            code = self.process.wait()
         self._close_streams()
         if code < 0:
             try:

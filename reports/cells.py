@@ -41,6 +41,15 @@ FIGURE_SECTIONS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
         ),
     ),
     (
+        "compute",
+        (
+            ("TFLOP per image-step", "tflops_per_image_step", "tflop"),
+            ("achieved TFLOP/s", "achieved_tflops", "tflop"),
+            ("MFU", "mfu", "pct"),
+            ("peak TFLOP/s", "mfu_peak_tflops", "tflop"),
+        ),
+    ),
+    (
         "time",
         (
             ("wall (median)", "wall_s", "s"),

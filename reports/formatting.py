@@ -67,6 +67,12 @@ def percent(value: Any) -> str:
     return MISSING if v is None else f"{v * 100:.1f}%"
 
 
+def tflop(value: Any) -> str:
+    """TFLOP or TFLOP/s with 3 significant digits: ``0.0123``, ``312``."""
+    v = number(value)
+    return MISSING if v is None else f"{v:.3g}"
+
+
 def spread(value: Any) -> str:
     """A figure's spread over its repeats (a CV): ``0.034`` -> ``±3.4%``, ``0.12`` -> ``±12%``."""
     v = number(value)
@@ -176,6 +182,7 @@ FORMATTERS: dict[str, Callable[[Any], str]] = {
     "ms": ms,
     "pct": percent,
     "spread": spread,
+    "tflop": tflop,
     "change": change,
     "p": p_value,
     "int": integer,

@@ -84,6 +84,7 @@ _SORT_FIRST: tuple[str, ...] = ("backend", "source", "offload")
 
 ITS_HEADER = "performance it/s"
 MEMORY_HEADER = "memory cpu/gpu (GB)"
+MFU_HEADER = "MFU"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class Slot:
     cv: float | None = None
     #: The scenario's noise limit for this cell (``thresholds.noise``).
     noise_limit: float = DEFAULT_NOISE_LIMIT
+    #: Model FLOPs utilisation of the denoising (GPU cells with a known peak; ``mfu``).
+    mfu: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -154,6 +157,15 @@ class Table:
     @property
     def memory_header(self) -> str:
         return MEMORY_HEADER
+
+    @property
+    def has_mfu(self) -> bool:
+        """Some cell has an MFU (a GPU run on a GPU of known peak): the table shows it."""
+        return any(slot.mfu is not None for row in self.rows for slot in row.slots)
+
+    @property
+    def mfu_header(self) -> str:
+        return f"{MFU_HEADER} (batch {' / '.join(str(b) for b in self.batches)})"
 
     @property
     def has_spread(self) -> bool:
@@ -391,5 +403,6 @@ def _slot(
         baseline_its=baseline_its,
         verdict=verdicts.get(scenario, cell_id, SPEED_METRIC) if verdicts else None,
         cv=None if status != "ok" or single else number(record.get("its_cv")),
+        mfu=number(record.get("mfu")) if status == "ok" else None,
         noise_limit=DEFAULT_NOISE_LIMIT if noise_limit is None else noise_limit,
     )

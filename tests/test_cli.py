@@ -36,9 +36,11 @@ def test_smoke_scenario_then_html_report(tmp_path: Path) -> None:
     done = harness("run", "scenarios/smoke.yaml", "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     frame = load(out)
-    assert len(frame) == 8 and set(frame["status"]) == {"ok"}
-    assert len(re.findall(r"^\[\d/8\] smoke::", done.stdout, flags=re.M)) == 8
-    assert "8 cells: 8 ok" in done.stdout
+    assert len(frame) == 14 and set(frame["status"]) == {"ok"}
+    assert len(re.findall(r"^\[\d+/14\] smoke::", done.stdout, flags=re.M)) == 14
+    assert "14 cells: 14 ok" in done.stdout
+    assert set(frame["backend"]) == {"diffusers", "original"}
+    assert frame["parity_ref_backend"].dropna().eq("diffusers").sum() == 6  # every original cell
 
     report = tmp_path / "report.html"
     done = harness("report", str(out), "-o", str(report))
@@ -107,13 +109,20 @@ def _wait_for_records(results: Path, count: int) -> None:
 
 
 def _workers_of(out: Path) -> list[int]:
-    """Worker processes writing into ``out`` (their command line names it)."""
+    """Worker processes writing into ``out``: a fresh interpreter's command line names it; a
+    worker forked from the template has its stderr in ``out/workers/logs``."""
     import psutil
 
     found = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter(["cmdline", "status"]):
+        if process.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
         cmdline = process.info["cmdline"] or []
-        if "harness.worker" in cmdline and str(out) in cmdline:
+        try:
+            stderr = os.readlink(f"/proc/{process.pid}/fd/2")
+        except OSError:
+            stderr = ""
+        if ("harness.worker" in cmdline and str(out) in cmdline) or stderr.startswith(str(out)):
             found.append(process.pid)
     return found
 

@@ -159,3 +159,39 @@ def test_an_oom_that_breaks_the_allocator_gets_a_fresh_worker(tmp_path: Path) ->
     assert [r.status for r in results] == ["oom", "ok"]
     assert "out of memory" in results[0].reason
     assert len(workers.workers()) == 2
+
+
+def test_default_workers_are_forked_from_a_template_and_die_like_processes(
+    tmp_path: Path,
+) -> None:
+    """This interpreter's workers come from the template (adopted children of this process,
+    in sessions of their own); other specs start as fresh interpreters."""
+    import subprocess
+
+    from harness.launcher import WorkerProcess, _Adopted
+
+    def start(spec: WorkerSpec, name: str) -> WorkerProcess:
+        worker = WorkerProcess(spec, run_id="t", payload_dir=tmp_path / "p",
+                               log_path=tmp_path / f"{name}.log", out_dir=None,
+                               save_images=False)
+        ready = worker.next_event(time.monotonic() + 300)
+        assert ready is not None and ready["event"] == "ready" and ready["pid"] == worker.pid
+        return worker
+
+    forked = start(WorkerSpec(), "forked")
+    assert isinstance(forked.process, _Adopted)
+    assert os.getsid(forked.pid) == forked.pid  # its own session: killed whole by killpg
+    with open(f"/proc/{forked.pid}/stat") as stat:
+        assert int(stat.read().rsplit(")", 1)[1].split()[1]) == os.getpid()  # adopted by us
+    (cell,) = _cells({})
+    forked.send({"op": "run", "cell": cell.to_dict(), "keep_output": False})
+    events = [forked.next_event(time.monotonic() + 300) for _ in range(3)]
+    assert [e["event"] for e in events] == ["phase", "phase", "result"]
+    assert events[-1]["result"]["status"] == "ok"
+    os.kill(forked.pid, signal.SIGKILL)
+    assert forked.death() == "signal SIGKILL"
+
+    fresh = start(WorkerSpec(env={"SDBENCH_TEST_FRESH": "1"}), "fresh")
+    assert isinstance(fresh.process, subprocess.Popen)
+    fresh.stop()
+    assert fresh.process.returncode == 0

@@ -44,6 +44,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> t
     raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
 
 
+def same_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` made contiguous in ``like``'s memory format (channels-last models stay so)."""
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not (
+        like.is_contiguous()
+    )
+    return x.contiguous(memory_format=torch.channels_last if channels_last else
+                        torch.contiguous_format)
+
+
 class AttentionModeMixin:
     """A module whose attention kernel is chosen by :func:`set_attention`."""
 

@@ -105,6 +105,12 @@ class OriginalSession(Session):
         self.denoiser = CFGDenoiser(inner)
 
     @torch.no_grad()
+    def prepare(self, request: Request) -> None:
+        """Patch the request's LoRA weights in (a no-op when unchanged) and read its
+        embedding files (once per session)."""
+        self.lora.apply((ref.path, ref.strength) for ref in request.loras)
+        self._embeddings(request)
+
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         if request.workflow not in WORKFLOWS:
             raise UnsupportedError(
@@ -118,9 +124,9 @@ class OriginalSession(Session):
         guided = request.guidance > 1.0
         shape = tuple(request.noise.shape)
 
+        self.prepare(request)
+        embeddings = self._embeddings(request)
         with timer.phase("encode"):
-            self.lora.apply((ref.path, ref.strength) for ref in request.loras)
-            embeddings = self._embeddings(request)
             if guided:
                 negatives = [request.negative_prompt] * request.batch
                 cond, uncond = text.encode_pair(prompts, negatives, embeddings)
@@ -309,6 +315,11 @@ class OriginalBackend(Backend):
                 "weights between devices inside the compiled UNet"
             )
         return None
+
+    def imports(self) -> None:
+        import safetensors.torch  # noqa: F401 - the single files
+        import scipy.integrate  # noqa: F401 - the lms sampler's coefficients
+        from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401 - the text encoder
 
     def load(self, cell: Cell, model: ResolvedModel, device: torch.device) -> Session:
         reason = self.unsupported(cell, device)

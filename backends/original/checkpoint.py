@@ -52,21 +52,40 @@ CLIP_TEXT_MODEL = CLIP_PREFIX + "text_model."
 SPEC_KEY = "sdbench_spec"
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The file's tensors (CPU, as stored) and the zoo spec it carries, if any."""
+def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (floating-point weights only; the DDPM schedule stays as
+    stored, since the sampler computes its sigmas from it in float32)."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    if key in SCHEDULE_KEYS:
+        return tensor
+    return tensor.to(dtype)
+
+
+def read_checkpoint(
+    path: Path, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The file's tensors (CPU; as stored, or cast to ``dtype`` one at a time as they are
+    read, so an fp16 file loaded in fp32 never holds both copies) and the zoo spec it
+    carries, if any."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     if suffix == ".safetensors":
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as handle:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+                tensors[key] = _cast(key, handle.get_tensor(key), dtype)
         spec = json.loads(metadata[SPEC_KEY]) if SPEC_KEY in metadata else None
-        return load_file(str(path), device="cpu"), spec
+        return tensors, spec
     if suffix == ".ckpt":
-        return _read_pickle(path)
+        tensors, spec = _read_pickle(path)
+        for key in list(tensors):
+            tensors[key] = _cast(key, tensors[key], dtype)
+        return tensors, spec
     raise UserError(f"checkpoint {path} must end in .safetensors or .ckpt, got {suffix!r}")
 
 
@@ -171,7 +190,7 @@ def load_latent_diffusion(
     from backends.original.vae import AutoencoderConfig, AutoencoderKL
     from models.specs import ModelSpec, get_spec
 
-    tensors, stored_spec = read_checkpoint(path)
+    tensors, stored_spec = read_checkpoint(path, dtype)
     if stored_spec is not None:
         spec = ModelSpec.from_dict(stored_spec)
     elif spec_name is not None:

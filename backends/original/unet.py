@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.original.attention import AttentionModeMixin, attention
+from backends.original.attention import AttentionModeMixin, attention, same_layout
 
 
 @dataclass(frozen=True)
@@ -188,14 +188,17 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
+        # b c h w -> b (h w) c, made contiguous as the original's rearrange(...).contiguous():
+        # a transposed view would carry a channels-last layout into the convolutions after the
+        # block, which then copy their weights to match it on every call.
+        x = x.flatten(2).transpose(1, 2).contiguous()
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context=context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(batch, -1, height, width)
+        x = same_layout(x.transpose(1, 2).reshape(batch, -1, height, width), residual)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + residual

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.original.attention import AttentionModeMixin, attention
+from backends.original.attention import AttentionModeMixin, attention, same_layout
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class AttnBlock(AttentionModeMixin, nn.Module):
         out = attention(
             tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)), self.attention_mode
         )
-        out = out.transpose(2, 3).reshape(batch, channels, height, width)
+        out = same_layout(out.transpose(2, 3).reshape(batch, channels, height, width), x)
         return x + self.proj_out(out)
 
 
