@@ -11,8 +11,8 @@ generation timer, the output checks), and its reported ``its`` is taken; the bar
 the same number of calls of the backend itself on the same loaded session with
 ``time.perf_counter`` (device synchronised), warm-up included:
 
-- diffusers: ``pipe(prompt=…, latents=noise, output_type="np")`` — the pipeline call a user's
-  app makes, with the session's scheduler;
+- diffusers: ``pipe(prompt=…, latents=noise, generator=…, output_type="np")`` — the pipeline
+  call a user's app makes (seeded), with the session's scheduler;
 - original: the session's own generation with a timer that records nothing (the backend's
   code is ours; what is measured is everything the harness adds around it).
 
@@ -95,6 +95,7 @@ def bare_call(session: Any, request: Any, backend: str) -> Any:
                     height=request.height,
                     width=request.width,
                     latents=request.noise.to(device=device, dtype=session.dtype),
+                    generator=torch.Generator().manual_seed(request.seed),  # as apps seed
                     output_type="np",
                 ).images
 

@@ -11,8 +11,9 @@ measure, less the wait. Workers of another Python, another tree or extra variabl
 
 The template never initialises CUDA (``PYTORCH_NVML_BASED_CUDA_CHECK=1``; it checks
 ``torch.cuda.is_initialized()`` after its imports and refuses to serve if some library did)
-and refuses to serve unless it is single-threaded (``/proc/self/task``) when it forks, native
-threads included; the launcher then starts fresh interpreters.
+and refuses to serve when an import started a Python thread (a fork keeps only the forking
+thread); the launcher then starts fresh interpreters. The native threads that ``import torch``
+and OpenBLAS start are fork-aware, as every forked ``DataLoader`` worker relies on.
 
 Protocol, one JSON message per packet over a UNIX ``SOCK_SEQPACKET`` pair whose other end the
 parent keeps:
@@ -63,9 +64,10 @@ def _preload() -> str | None:
             continue
     if torch.cuda.is_initialized():
         return "an import initialised CUDA; forked workers could not use it"
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:  # a fork keeps only the forking thread: locks held by others would hang
-        return f"the imports started {threads - 1} threads; forking is not safe"
+    import threading
+
+    if threading.active_count() != 1:  # a fork keeps only the forking thread
+        return f"the imports started {threading.active_count() - 1} Python threads"
     return None
 
 

@@ -94,6 +94,7 @@ def test_sides_from_a_git_ref_a_directory_and_a_python(tmp_path: Path) -> None:
 pytest_plugins = ["pytester"]
 
 
+@pytest.mark.slow
 def test_pytest_bench_ab_base(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     path = pytester.mkdir("scenarios") / "ab.yaml"
     path.write_text(SCENARIO, encoding="utf-8")

@@ -44,3 +44,9 @@ def test_memory_quick(tmp_path: Path) -> None:
     rows = _run("memory", tmp_path)
     assert {row["file"] for row in rows} == {"zoo"}
     assert all(row["original"] > 0 and row["diffusers"] > 0 for row in rows)
+
+
+def test_generate_quick(tmp_path: Path) -> None:
+    ratios = _run("generate", tmp_path)
+    assert [r["name"].split()[0] for r in ratios] == ["denoise", "it/s"]
+    assert all(r["a"] == "original" and r["median"] > 0 for r in ratios)

@@ -136,6 +136,7 @@ def test_run_skips_fails_and_writes_benchmark_json(
     assert bench["options"]["timer"].endswith("ReplayClock")
 
 
+@pytest.mark.slow
 def test_xdist_keeps_load_groups_together_with_the_same_cells(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -163,6 +164,7 @@ def test_xdist_keeps_load_groups_together_with_the_same_cells(
     assert all(cell.id in html for cell in cells)
 
 
+@pytest.mark.slow
 def test_regression_against_a_doctored_baseline_fails_the_item(
     pytester: pytest.Pytester, scenario: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,6 +70,7 @@ def test_a_killed_worker_makes_its_cell_crashed_and_the_rest_finish(tmp_path: Pa
     assert len(load(tmp_path)) == 3
 
 
+@pytest.mark.slow
 def test_a_worker_that_exits_mid_step_is_crashed_with_its_stderr(tmp_path: Path) -> None:
     cells = _cells({"seed": [1, 2]})
     spec = WorkerSpec(pythonpath=(str(DATA / "crashing_worker"),))
@@ -138,6 +139,7 @@ def test_isolation_modes_and_parity_across_workers(tmp_path: Path) -> None:
     assert inline[-1].metrics["parity_status"] == "pass"
 
 
+@pytest.mark.slow
 def test_one_worker_per_gpu_at_a_time(tmp_path: Path) -> None:
     cells = _cells({"seed": [1, 2], "batch": [1, 2]}) + _cells({"dtype": "bf16"})
     workers = Recorder()
@@ -148,6 +150,7 @@ def test_one_worker_per_gpu_at_a_time(tmp_path: Path) -> None:
     assert len(frame) == 5
 
 
+@pytest.mark.slow
 def test_an_oom_that_breaks_the_allocator_gets_a_fresh_worker(tmp_path: Path) -> None:
     cells = _cells({"seed": [1, 2]})
     spec = WorkerSpec(
