@@ -234,6 +234,23 @@ def test_spread_shown_and_noisy_cells_marked_against_the_scenario_limit(tmp_path
     assert "beyond the noise limit ±10%" in html  # the slot's hover text
 
 
+def test_mfu_column_only_when_a_cell_has_one(tmp_path: Path) -> None:
+    stamp = "2025-01-01T00:00:00+00:00"
+    gpu = {**metrics_for(9.0, 1, 20, 1.0, 2.0), "mfu": 0.123, "tflops_per_image_step": 1.607}
+    directory = _store(tmp_path / "gpu", [(_cell("s", "b1"), gpu, stamp),
+                                          (_cell("s", "b2", batch=2), metrics_for(
+                                              8.0, 2, 20, 1.0, 2.0), stamp)])
+    md = render(load(directory), "md")
+    assert "| pipeline | performance it/s (batch 1 / 2) | MFU (batch 1 / 2) |" in md
+    assert "| 12.3% / - |" in md
+    html = render(load(directory), "html")
+    assert "<th>MFU (batch 1 / 2)</th>" in html and "12.3% / -" in html
+    assert "TFLOP per image-step" in html and "1.61" in html
+    cpu = _store(tmp_path / "cpu", [(_cell("s", "b1"), metrics_for(9.0, 1, 20, 1.0, None),
+                                     stamp)])
+    assert "MFU" not in render(load(cpu), "md").split("### s", 1)[1].split("\n\n")[1]
+
+
 def test_scenario_noise_limit_reaches_every_cell(tmp_path: Path) -> None:
     from harness.matrix import expand
     from harness.scenario import load_scenario
