@@ -1,4 +1,8 @@
-"""scenarios/conformance.yaml on tiny: every workflow on both backends, checked."""
+"""scenarios/conformance.yaml on tiny: every workflow on both backends, checked.
+
+The whole scenario takes most of a minute on a 2-core CPU, so its tests are slow-marked; each
+workflow's checks also run in the default suite through tests/test_conformance.py and the
+backends' workflow tests."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def _checks(results: dict[str, Result], cell_id: str) -> dict[str, dict]:
     return result.metrics["check_results"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["original", "diffusers"])
 def test_semantic_checks_pass_on_both_backends(results: dict[str, Result], backend: str) -> None:
     lora = _checks(results, f"{backend}-tiny-txt2img-euler-lora-style@0.5+detail@1.0")
@@ -52,6 +57,7 @@ def test_semantic_checks_pass_on_both_backends(results: dict[str, Result], backe
         assert _checks(results, cell_id)["determinism"]["status"] == "pass"
 
 
+@pytest.mark.slow
 def test_long_prompts_kept_by_original_truncated_by_diffusers(results: dict[str, Result]) -> None:
     original = _checks(results, "original-tiny-txt2img-euler")["long_prompt"]
     diffusers = _checks(results, "diffusers-tiny-txt2img-euler")["long_prompt"]
@@ -60,6 +66,7 @@ def test_long_prompts_kept_by_original_truncated_by_diffusers(results: dict[str,
     assert "truncates at 77" in diffusers["detail"]
 
 
+@pytest.mark.slow
 def test_every_sampler_runs_or_is_unsupported(results: dict[str, Result]) -> None:
     samplers = [r for r in results.values() if r.cell.workflow == "txt2img"
                 and r.cell.lora == "none" and r.cell.embedding == "none"]
@@ -77,6 +84,7 @@ def test_every_sampler_runs_or_is_unsupported(results: dict[str, Result]) -> Non
             assert result.metrics["check_results"]["determinism"]["status"] == "pass", result.cell.id
 
 
+@pytest.mark.slow
 def test_parity_where_both_backends_compute_the_same(results: dict[str, Result]) -> None:
     for cell_id in ("diffusers-tiny-txt2img-euler", "diffusers-tiny-txt2img-heun",
                     "diffusers-tiny-txt2img-lms", "diffusers-tiny-img2img-euler-str0.5",
