@@ -108,9 +108,9 @@ def resolve_side(label: str, text: str, repo: Path, work_dir: Path) -> Side:
     """``--base`` / ``--head``: a Python executable, a directory or a git ref of ``repo``."""
     path = Path(text).expanduser()
     if path.is_file() and os.access(path, os.X_OK):
-        return Side(label, text, "python", WorkerSpec(python=str(path.resolve())))
+        return Side(label, text, "python", WorkerSpec(python=str(path.resolve()), fresh=True))
     if path.is_dir():
-        return Side(label, text, "dir", WorkerSpec(pythonpath=(str(path.resolve()),)))
+        return Side(label, text, "dir", WorkerSpec(pythonpath=(str(path.resolve()),), fresh=True))
     found = _git(repo, "rev-parse", "--verify", "--quiet", f"{text}^{{commit}}")
     if found.returncode != 0:
         raise UserError(
@@ -122,7 +122,7 @@ def resolve_side(label: str, text: str, repo: Path, work_dir: Path) -> Side:
     added = _git(repo, "worktree", "add", "--detach", "--force", str(tree), commit)
     if added.returncode != 0:
         raise UserError(f"--{label}: cannot check out {text} ({commit[:12]}): {added.stderr}")
-    spec = WorkerSpec(pythonpath=(str(tree),))
+    spec = WorkerSpec(pythonpath=(str(tree),), fresh=True)
     return Side(label, text, "ref", spec, commit=commit, worktree=tree, repo=repo)
 
 
@@ -318,7 +318,7 @@ def describe(record: dict[str, Any]) -> str:
 
 def this_tree() -> Side:
     """The head side of ``pytest --bench-ab-base``: the code this process runs."""
-    return Side("head", "this tree", "dir", WorkerSpec())
+    return Side("head", "this tree", "dir", WorkerSpec(fresh=True))
 
 
 def load_ab(directory: str | Path) -> list[dict[str, Any]]:

@@ -65,6 +65,16 @@ class WorkerSpec:
     #: Prepended to ``PYTHONPATH``, before sdbench's own source root.
     pythonpath: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    #: Always a fresh interpreter, never a worker forked from the template (A/B sides: both
+    #: arms must start the same way).
+    fresh: bool = False
+
+    @property
+    def forkable(self) -> bool:
+        """Whether a worker of this spec may be forked from the template (this interpreter,
+        this tree, the parent's environment)."""
+        return (not self.fresh and self.python == sys.executable and not self.pythonpath
+                and not self.env)
 
     def environ(self) -> dict[str, str]:
         variables = dict(os.environ)
@@ -244,7 +254,7 @@ class WorkerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         environ = spec.environ()
-        forked = self._fork(command[3:], environ) if spec == WorkerSpec() else None
+        forked = self._fork(command[3:], environ) if spec.forkable else None
         if forked is not None:
             self.process: subprocess.Popen[bytes] | _Adopted = forked
         else:

@@ -277,7 +277,7 @@ class Runner:
         """
         device = resolve_device(cell.device)
         reason = NO_CUDA if device is None else None
-        if device is not None and self.spec == WorkerSpec():
+        if device is not None and dataclasses.replace(self.spec, fresh=False) == WorkerSpec():
             try:
                 reason = get_backend(cell.backend).unsupported(cell, device)
             except Exception:  # noqa: BLE001 - the worker records it as the cell's error

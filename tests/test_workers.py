@@ -194,7 +194,9 @@ def test_default_workers_are_forked_from_a_template_and_die_like_processes(
     os.kill(forked.pid, signal.SIGKILL)
     assert forked.death() == "signal SIGKILL"
 
-    fresh = start(WorkerSpec(env={"SDBENCH_TEST_FRESH": "1"}), "fresh")
+    assert not WorkerSpec(env={"SDBENCH_TEST": "1"}).forkable
+    assert not WorkerSpec(pythonpath=("elsewhere",)).forkable
+    fresh = start(WorkerSpec(fresh=True), "fresh")  # as both A/B sides start
     assert isinstance(fresh.process, subprocess.Popen)
     fresh.stop()
     assert fresh.process.returncode == 0
