@@ -38,8 +38,9 @@ def load_both(model: str, source: str, device_name: str, dtype: str) -> tuple[An
             import dataclasses
 
             cell = dataclasses.replace(cell, dtype=dtype)
-        get_backend(backend).imports()
-        sessions.append(get_backend(backend).load(cell, resolve(cell.model, cell.source), device))
+        adapter = get_backend(backend)
+        adapter.imports()
+        sessions.append(adapter.load(cell, resolve(cell.model, cell.source), device))
     return sessions[0], sessions[1]
 
 
