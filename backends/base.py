@@ -1,6 +1,7 @@
 """The backend interface: a backend loads a model into a session; a session generates.
 
-Adding a backend touches its own module and one line of :data:`backends.REGISTRY`.
+A backend outside sdbench registers itself with an entry point (:mod:`backends`); the names an
+adapter needs are in :mod:`backends.api`, and docs/backends.md is the step-by-step guide.
 
 The harness owns everything that must be the same for every backend: the initial latent
 noise (drawn once, on the CPU, from the cell's seed, and handed to the backend in
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -63,10 +65,6 @@ class Request:
     loras: tuple[LoraRef, ...] = ()
     embeddings: tuple[EmbeddingRef, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.noise.shape)
 
 
 @dataclass(frozen=True)
@@ -144,9 +142,32 @@ class Backend(ABC):
     """A generation backend."""
 
     name: ClassVar[str]
+    #: Distributions (pip names) whose versions identify this backend's code, besides the
+    #: package that defines the class, which counts by itself. Their versions go into every
+    #: result's environment (``backend_packages``) and its fingerprint, so a baseline of
+    #: ``myapp 1.2`` is never compared with ``myapp 1.3`` unseen. The built-in backends' own
+    #: libraries (torch, diffusers, transformers, accelerate) are environment fields already.
+    packages: ClassVar[tuple[str, ...]] = ()
     #: Whether prompts longer than 75 tokens keep their tail (A1111-style chunking) or are
     #: truncated to the text encoder's 77 positions; a conformance check verifies the claim.
     long_prompts: ClassVar[bool] = False
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        """``{distribution: version}`` of the code this backend runs: the distribution that
+        provides the class's package (not sdbench itself: its commit is recorded apart) and
+        :attr:`packages`. Read from the installed metadata; imports nothing. A package that is
+        not installed reads ``not installed``.
+        """
+        top = cls.__module__.partition(".")[0]
+        owners = [d for d in metadata.packages_distributions().get(top, []) if d != "sdbench"]
+        found: dict[str, str] = {}
+        for name in (*owners, *cls.packages):
+            try:
+                found[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                found[name] = "not installed"
+        return found
 
     def imports(self) -> None:  # noqa: B027 - optional hook
         """Import the libraries :meth:`load` needs (lazily imported modules included).

@@ -8,9 +8,12 @@ packages). Each side's cells run in its own worker processes (:mod:`harness.laun
 
 Per cell, both sides' workers load the model and stay resident (if the second load runs out
 of memory, the sides take turns and reload — with their warm-up — before each generation; the
-record says which). After each side's warm-up, **rounds** of one timed generation per side run
+record says which). After each side's warm-up, **rounds** of timed generations per side run
 in a balanced order (ABBA / BAAB per pair of rounds, drawn from a recorded seed) so that
-linear drift cancels. Every ``2`` rounds from ``min_rounds`` on, the per-round it/s ratios
+linear drift cancels. A round is one generation per side where a generation lasts
+:data:`ROUND_MIN_S` or more; a faster one is repeated within the round (the same count on both
+sides, recorded as ``repeats_per_round``) and the round's figure is the median of its repeats.
+Every ``2`` rounds from ``min_rounds`` on, the per-round it/s ratios
 head / base are judged (:mod:`harness.paired`); an ``inconclusive`` cell gets more rounds, up
 to ``max_rounds``. Memory figures come from each side's own worker, per round, and are
 judged the same way. The two sides must run on the same hardware (:data:`SAME_ON_BOTH_SIDES`)
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +39,7 @@ import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +54,7 @@ from harness.paired import (
     judge,
     settled,
 )
-from harness.results import Result, ResultStore, jsonable
+from harness.results import Result, ResultStore, jsonable, newest
 
 AB_FILE = "ab.jsonl"
 #: Environment fields both sides must share for their numbers to be compared.
@@ -69,6 +74,13 @@ AB_METRICS: tuple[tuple[str, bool, str], ...] = (
     ("cpu_peak_gb", False, "memory"),
     ("gpu_allocated_peak_gb", False, "memory"),
 )
+#: A round times each side for at least this long: a fast generation (a tiny model, a small
+#: image) is repeated within the round, at most :data:`MAX_REPEATS_PER_ROUND` times, and the
+#: round's figure is the median of its repeats (timeit's autorange habit), so that one
+#: generation the machine disturbed cannot swing a round. A generation as long as this runs
+#: once per round.
+ROUND_MIN_S = 0.5
+MAX_REPEATS_PER_ROUND = 8
 #: Cell verdicts besides the paired ones.
 CELL_FAILURES: tuple[str, ...] = ("error", "not comparable")
 
@@ -131,6 +143,8 @@ class _Arm:
     side: Side
     slot: Slot
     env: dict[str, Any] = field(default_factory=dict)
+    #: The warm-up generation's wall time (s): how many generations a round needs.
+    warm_wall_s: float | None = None
 
 
 def _cell_seed(seed: int, cell: Cell) -> int:
@@ -235,13 +249,16 @@ class ABRunner:
             if result.result.status != "ok":
                 return self._finish(record, "error", f"{arm.side.label}: {_status(result.result)}")
             arm.env = result.result.env
+            arm.warm_wall_s = result.result.metrics.get("wall_s")
         different = not_comparable(base.env, head.env)
         if different is not None:
             return self._finish(record, "not comparable", different)
 
         alternate = record["residency"] != "both"
-        one = dataclasses.replace(cell, warmup=cell.warmup if alternate else 0, repeats=1,
-                                  checks=())
+        walls = [arm.warm_wall_s for arm in (base, head)]
+        record["repeats_per_round"] = per_round = repeats_per_round(walls)
+        one = dataclasses.replace(cell, warmup=cell.warmup if alternate else 0,
+                                  repeats=per_round, checks=())
         series: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
         orders = balanced_orders(self.max_rounds // 2 + 1, record["seed"])
         verdict: PairedVerdict | None = None
@@ -287,6 +304,7 @@ class ABRunner:
     def _finish(self, record: dict[str, Any], verdict: str, reason: str | None) -> dict[str, Any]:
         record["verdict"] = verdict
         record["reason"] = reason
+        record["timestamp"] = datetime.now(UTC).isoformat(timespec="seconds")
         record["base"] = {**self.arms["base"].side.describe(), "env": self.arms["base"].env}
         record["head"] = {**self.arms["head"].side.describe(), "env": self.arms["head"].env}
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +313,15 @@ class ABRunner:
             handle.flush()
             os.fsync(handle.fileno())
         return record
+
+
+def repeats_per_round(walls: Sequence[float | None]) -> int:
+    """Generations per side per round: enough for :data:`ROUND_MIN_S` at the faster side's
+    warm-up wall time, the same number on both sides."""
+    known = [float(w) for w in walls if w is not None and float(w) > 0]
+    if not known:
+        return 1
+    return max(1, min(MAX_REPEATS_PER_ROUND, math.ceil(ROUND_MIN_S / min(known))))
 
 
 def _status(result: Result) -> str:
@@ -326,7 +353,7 @@ def load_ab(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / AB_FILE
     if not path.exists():
         return []
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    records: list[dict[str, Any]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -334,8 +361,8 @@ def load_ab(directory: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{number}: not a JSON record") from None
-        latest[(record["scenario"], record["cell_id"])] = record
-    return list(latest.values())
+        records.append(record)
+    return newest(records, lambda r: (r["scenario"], r["cell_id"]), lambda r: r.get("timestamp"))
 
 
 def failed(records: Sequence[dict[str, Any]], strict: bool = False) -> bool:

@@ -38,6 +38,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.shard is not None:
         index, count = plan.parse_shard(args.shard)
         cells = [cell for group in plan.shard(group_by_load(cells), index, count) for cell in group]
+    if args.list:
+        for cell in cells:
+            print(f"{cell.nodeid}  (load group: {', '.join(map(str, cell.load_key()))})")
+        return EXIT_OK
     gpus = _parse_gpus(args.gpus)
     if args.isolate == "none" and len(gpus) > 1:
         raise UserError("--gpus: several GPUs need worker processes; drop --isolate none")
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only cells whose id (file::cell) contains every TEXT",
     )
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--list", action="store_true",
+                     help="print the cells the scenarios expand to (after --select, --shard) "
+                     "and run nothing")
     run.add_argument("--no-images", action="store_true", help="do not save preview images")
     add_isolate_option(run.add_argument, "")
     run.add_argument(

@@ -35,10 +35,12 @@ import pandas as pd
 from scipy import stats
 from scipy.special import comb
 
+from harness import axes as axis_table
 from harness import environment
 from harness.errors import UserError
 from harness.options import DEFAULT_ALPHA
-from harness.scenario import AXES, Thresholds
+from harness.results import latest
+from harness.scenario import Thresholds
 
 MetricKind = Literal["speed", "memory", "load"]
 
@@ -66,13 +68,7 @@ VERDICTS: tuple[str, ...] = (
 
 #: Cell fields that define the workload (every axis, with the resolution as width and height,
 #: and the prompts); a difference makes two records not comparable.
-WORKLOAD_FIELDS: tuple[str, ...] = (
-    *(axis for axis in AXES if axis != "resolution"),
-    "width",
-    "height",
-    "prompt",
-    "negative_prompt",
-)
+WORKLOAD_FIELDS: tuple[str, ...] = (*axis_table.record_fields(), "prompt", "negative_prompt")
 
 
 @dataclass(frozen=True)
@@ -228,10 +224,8 @@ def describe_differences(found: Mapping[str, Any]) -> str:
 def _latest_rows(frame: pd.DataFrame | None) -> dict[tuple[str, str], dict[str, Any]]:
     if frame is None or frame.empty:
         return {}
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for record in frame.to_dict("records"):
-        rows[(str(record["scenario"]), str(record["cell_id"]))] = record  # newest last wins
-    return rows
+    return {(str(record["scenario"]), str(record["cell_id"])): record
+            for record in latest(frame).to_dict("records")}
 
 
 ThresholdsArg = Thresholds | Mapping[str, Thresholds] | None
@@ -265,10 +259,6 @@ class Comparison:
         """Verdict -> number of (cell, metric) rows, in :data:`VERDICTS` order."""
         found = self.table["verdict"].value_counts().to_dict()
         return {verdict: int(found[verdict]) for verdict in VERDICTS if verdict in found}
-
-    def for_cell(self, scenario: str, cell_id: str) -> pd.DataFrame:
-        table = self.table
-        return table[(table["scenario"] == scenario) & (table["cell_id"] == cell_id)]
 
 
 def compare(

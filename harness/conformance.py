@@ -44,6 +44,7 @@ from backends.base import Backend, EmbeddingRef, LoraRef, Output, Request, Sessi
 from harness.errors import UnsupportedError, UserError
 from harness.matrix import Cell
 from harness.measure import GenerationTimer
+from harness.vocabulary import KEEPS, TRUNCATES
 
 CHECK_STATUSES: tuple[str, ...] = ("pass", "fail", "differs", "unsupported", "error")
 #: Relative error below which two outputs of one backend count as equal, per dtype.
@@ -65,6 +66,9 @@ class Check:
     status: str
     detail: str
     value: float | None = None
+    #: What the check observed, as a word reports read (``detail`` is for people): the
+    #: long-prompt check's ``keeps`` / ``truncates``; None for checks with nothing to add.
+    finding: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in CHECK_STATUSES:
@@ -152,6 +156,7 @@ def check_long_prompt(ctx: CheckContext) -> Check:
     a = ctx.generate(dataclasses.replace(ctx.request, prompt=first))
     b = ctx.generate(dataclasses.replace(ctx.request, prompt=second))
     equal, error = ctx.same(b, a)
+    finding = TRUNCATES if equal else KEEPS
     if ctx.backend.long_prompts:
         if not equal:
             return Check(
@@ -159,14 +164,18 @@ def check_long_prompt(ctx: CheckContext) -> Check:
                 f"keeps long prompts: tokens past 77 change the output "
                 f"(latent rel. error {error:.3g})",
                 error,
+                finding,
             )
-        return Check("fail", "claims long prompts, but tokens past 77 change nothing", error)
+        return Check("fail", "claims long prompts, but tokens past 77 change nothing", error,
+                     finding)
     if equal:
-        return Check("pass", "truncates at 77 tokens: tokens past 77 change nothing", error)
+        return Check("pass", "truncates at 77 tokens: tokens past 77 change nothing", error,
+                     finding)
     return Check(
         "fail",
         f"claims to truncate, but tokens past 77 change the output (latent rel. error {error:.3g})",
         error,
+        finding,
     )
 
 

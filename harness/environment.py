@@ -1,7 +1,10 @@
 """The environment of a run: hardware, driver, library versions, harness commit.
 
 Baselines compare like with like: :func:`fingerprint` hashes the fields that make numbers
-comparable (GPU, CUDA, torch/diffusers/transformers/accelerate versions, CPU, OS).
+comparable (GPU, CUDA, torch/diffusers/transformers/accelerate versions, CPU, OS) and, for a
+backend that declares packages of its own (:meth:`backends.base.Backend.versions`, e.g. a
+plugin's ``myapp 1.2``), ``backend_packages``: :func:`for_backend` is the environment of one
+backend's cells.
 
 ``doctor`` holds the warn and fail findings of :func:`harness.doctor.diagnose` (as dicts) at
 the time of collection: it describes the machine's state (clocks, other processes, …), not
@@ -35,6 +38,7 @@ COMPARABLE_FIELDS: tuple[str, ...] = (
     "accelerate",
     "cpu",
     "os",
+    "backend_packages",
 )
 
 _PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub")
@@ -128,9 +132,31 @@ def _nvidia_driver() -> str | None:
     return result.stdout.strip().splitlines()[0] if result.returncode == 0 else None
 
 
+@lru_cache(maxsize=32)
+def backend_packages(backend: str) -> str | None:
+    """``"myapp 1.2, otherlib 3.4"``: the versions that identify ``backend``'s code (sorted),
+    or None when it declares none (the built-in backends: their libraries are fields of
+    their own) or cannot be imported here (its cells fail and say why)."""
+    import backends
+
+    try:
+        found = backends.versions(backend)
+    except Exception:  # noqa: BLE001 - the cell reports the broken backend itself
+        return None
+    return ", ".join(f"{name} {version}" for name, version in sorted(found.items())) or None
+
+
+def for_backend(env: dict[str, Any], backend: str) -> dict[str, Any]:
+    """``env`` with the ``backend_packages`` of ``backend`` (unchanged when it has none)."""
+    packages = backend_packages(backend)
+    return env if packages is None else {**env, "backend_packages": packages}
+
+
 def fingerprint(env: dict[str, Any]) -> str:
-    """A short hash of the comparable fields of an environment."""
-    comparable = {key: env.get(key) for key in COMPARABLE_FIELDS}
+    """A short hash of the comparable fields of an environment (``backend_packages`` only
+    where present, so the fingerprints of built-in backends' records stay as they were)."""
+    comparable = {key: env.get(key) for key in COMPARABLE_FIELDS
+                  if key != "backend_packages" or env.get(key) is not None}
     return hashlib.sha256(json.dumps(comparable, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -254,12 +254,13 @@ class CellExecutor:
         return None if self._loaded is None else self._loaded.session
 
     def result(self, cell: Cell, status: str, **fields: Any) -> Result:
+        env = environment.for_backend(self.env, cell.backend)
         return Result(
             run_id=self.run_id,
             cell=cell,
             status=status,
-            env=self.env,
-            env_fingerprint=self.env_fingerprint,
+            env=env,
+            env_fingerprint=environment.fingerprint(env),
             **fields,
         )
 

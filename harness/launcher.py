@@ -549,7 +549,7 @@ class Slot:
     ) -> Result:
         """A record the parent writes for a worker that could not: measured figures kept."""
         metrics = dict(measured["metrics"]) if measured else {}
-        env = dict(measured["env"]) if measured else self.env
+        env = dict(measured["env"]) if measured else environment.for_backend(self.env, cell.backend)
         return Result(
             run_id=self.run_id,
             cell=cell,

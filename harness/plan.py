@@ -16,32 +16,34 @@ Pure functions over cells and records; the runner and the CLI call them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from harness.errors import UserError
 from harness.matrix import Cell
-from harness.results import Result
+from harness.results import Result, newest
 from harness.vocabulary import FAILED_STATUSES
 
 
 def pending(
     cells: Iterable[Cell],
     finished: Iterable[Result],
-    env_fingerprint: str,
+    env_fingerprint: str | Callable[[Cell], str],
     *,
     rerun_failed: bool = False,
 ) -> list[Cell]:
     """The cells without a finished record among ``finished`` (the latest one counts)."""
-    latest: dict[tuple[str, str], Result] = {}
-    for result in sorted(finished, key=lambda r: r.timestamp):  # stable: file order on ties
-        latest[(result.cell.scenario, result.cell.id)] = result
+    latest = {(r.cell.scenario, r.cell.id): r
+              for r in newest(finished, lambda r: (r.cell.scenario, r.cell.id),
+                              lambda r: r.timestamp)}
+    fingerprint_of = (env_fingerprint if callable(env_fingerprint)
+                      else lambda _cell: env_fingerprint)
     todo = []
     for cell in cells:
         record = latest.get((cell.scenario, cell.id))
         done = (
             record is not None
             and record.cell.fingerprint() == cell.fingerprint()
-            and record.env_fingerprint == env_fingerprint
+            and record.env_fingerprint == fingerprint_of(cell)
             and not (rerun_failed and record.status in FAILED_STATUSES)
         )
         if not done:

@@ -76,7 +76,8 @@ EXTRA_METRICS = (
     "first_call_s",
 )
 ENV_EXTRA = (
-    "gpu_name", "gpu_count", "gpu_memory_gb", "driver", "cuda", "torch", "diffusers", "doctor"
+    "gpu_name", "gpu_count", "gpu_memory_gb", "driver", "cuda", "torch", "diffusers",
+    "backend_packages", "doctor",
 )
 
 

@@ -17,17 +17,19 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
 from harness.errors import UserError
 from harness.matrix import Cell
 from harness.vocabulary import STATUSES
+
+T = TypeVar("T")
 
 #: Version of the record layout. Readers refuse newer versions and migrate older ones.
 SCHEMA_VERSION = 1
@@ -220,12 +222,25 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def latest(frame: pd.DataFrame) -> pd.DataFrame:
-    """The newest record of each cell (by scenario and cell id): the one rule for it.
+def newest(
+    items: Iterable[T], key: Callable[[T], Hashable], timestamp: Callable[[T], str | None]
+) -> list[T]:
+    """The newest item per ``key``: the one rule for "the latest record of a cell".
 
-    Records are ordered by timestamp (stable, so file order breaks ties) before the last one
-    of each cell is kept; this makes merging several results directories order-independent.
+    Items are ordered by timestamp (stable, so file order breaks ties; a missing timestamp
+    counts as the oldest) and the last one of each key is kept, in the order of the kept
+    items. This makes merging several results directories order-independent. :func:`latest`
+    is the same rule on a DataFrame; the resume plan and A/B records use this one.
     """
+    chosen: dict[Hashable, T] = {}
+    for item in sorted(items, key=lambda i: timestamp(i) or ""):
+        chosen.pop(key(item), None)
+        chosen[key(item)] = item
+    return list(chosen.values())
+
+
+def latest(frame: pd.DataFrame) -> pd.DataFrame:
+    """The newest record of each cell (by scenario and cell id): :func:`newest` on a frame."""
     if frame.empty:
         return frame
     ordered = frame

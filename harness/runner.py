@@ -93,13 +93,17 @@ class Runner:
 
     # -- public -------------------------------------------------------------------------
 
+    def fingerprint_of(self, cell: Cell) -> str:
+        """The environment fingerprint of ``cell``'s records (its backend's packages in it)."""
+        return environment.fingerprint(environment.for_backend(self.env, cell.backend))
+
     def pending(self, cells: Iterable[Cell], *, rerun_failed: bool = False) -> list[Cell]:
         """The cells without a finished record in this runner's store (``run --resume``)."""
         cells = list(cells)
         if self.store is None or not self.store.path.exists():
             return cells
         return plan.pending(
-            cells, iter_results(self.store.path), self.env_fingerprint, rerun_failed=rerun_failed
+            cells, iter_results(self.store.path), self.fingerprint_of, rerun_failed=rerun_failed
         )
 
     def run(self, cells: Iterable[Cell]) -> list[Result]:
@@ -289,8 +293,8 @@ class Runner:
             cell=cell,
             status="unsupported",
             reason=reason,
-            env=self.env,
-            env_fingerprint=self.env_fingerprint,
+            env=environment.for_backend(self.env, cell.backend),
+            env_fingerprint=self.fingerprint_of(cell),
         )
 
     def _finish(self, ran: Ran) -> Result:

@@ -30,124 +30,36 @@ from pydantic import (
     field_validator,
 )
 
-from backends import BACKEND_NAMES
+from harness import axes as axis_table
+from harness.cell import DEFAULT_LOAD_TIMEOUT_S, DEFAULT_NOISE_LIMIT
 from harness.errors import UserError
-from harness.vocabulary import (
-    SAMPLERS,
-    Attention,
-    Compile,
-    Device,
-    DType,
-    Offload,
-    Source,
-    Workflow,
-)
-
-KNOWN_BACKENDS: tuple[str, ...] = BACKEND_NAMES
 
 
-def _parse_resolution(value: Any) -> Any:
-    """``512`` -> ``(512, 512)``; ``"768x512"`` -> ``(768, 512)`` (width x height)."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected an int or 'WIDTHxHEIGHT', got {value!r}")
-    if isinstance(value, int):
-        width = height = value
-    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", value):
-        width, height = (int(part) for part in re.split(r"[xX]", value))
-    else:
-        raise ValueError(f"expected an int or 'WIDTHxHEIGHT', got {value!r}")
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise ValueError(f"width and height must be positive multiples of 8, got {value!r}")
-    return (width, height)
+def _annotation(axis: axis_table.Axis) -> Any:
+    """The pydantic type of one axis value, from the axis table."""
+    metadata: list[Any] = []
+    if axis.check is not None:
+        metadata.append(BeforeValidator(axis.check))
+    if axis.bounds:
+        metadata.append(Field(**axis.bounds))
+    return Annotated[axis.type, *metadata] if metadata else axis.type
 
 
-def _check_sampler(value: Any) -> Any:
-    if value not in SAMPLERS:
-        raise ValueError(f"unknown sampler {value!r}; expected one of {', '.join(SAMPLERS)}")
-    return value
+def _schema_axes() -> dict[str, tuple[Any, Any]]:
+    return {axis.name: (_annotation(axis), axis.default) for axis in axis_table.AXES}
 
 
-_EXTRA_REF = r"(?:zoo:[A-Za-z0-9_.-]+|[^@+]+)"
-
-
-def _check_lora(value: Any) -> Any:
-    """``none`` or ``REF@STRENGTH[+REF@STRENGTH...]``, REF = ``zoo:NAME`` or a file path."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected 'none' or 'FILE@STRENGTH[+FILE@STRENGTH...]', got {value!r}")
-    if value == "none":
-        return value
-    for part in value.split("+"):
-        if not re.fullmatch(_EXTRA_REF + r"@-?\d+(?:\.\d+)?", part.strip()):
-            raise ValueError(
-                f"expected 'none' or 'FILE@STRENGTH[+FILE@STRENGTH...]' "
-                f"(e.g. zoo:style@0.8), got {value!r}"
-            )
-    return value
-
-
-def _check_embedding(value: Any) -> Any:
-    """``none`` or ``REF[+REF...]``; the trigger word is the file's stem (A1111's rule)."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected 'none' or 'FILE[+FILE...]', got {value!r}")
-    if value != "none" and not all(re.fullmatch(_EXTRA_REF, p.strip()) for p in value.split("+")):
-        raise ValueError(
-            f"expected 'none' or 'FILE[+FILE...]' (e.g. zoo:tiny-token), got {value!r}"
-        )
-    return value
-
-
-def _check_backend(value: Any) -> Any:
-    if value not in KNOWN_BACKENDS:
-        raise ValueError(f"unknown backend {value!r}; expected one of {', '.join(KNOWN_BACKENDS)}")
-    return value
-
-
-Resolution = Annotated[tuple[int, int], BeforeValidator(_parse_resolution)]
-SamplerName = Annotated[str, BeforeValidator(_check_sampler)]
-BackendName = Annotated[str, BeforeValidator(_check_backend)]
-
-#: Every axis with its type and default. The matrix and the include/exclude entries are built
-#: from this one table so that they cannot drift apart.
-AXES: dict[str, tuple[Any, Any]] = {
-    "backend": (BackendName, "diffusers"),
-    "model": (Annotated[str, Field(min_length=1)], "tiny"),
-    "source": (Source, "hub"),
-    "workflow": (Workflow, "txt2img"),
-    "device": (Device, "auto"),
-    "dtype": (DType, "fp32"),
-    "offload": (Offload, "none"),
-    "compile": (Compile, "none"),
-    "fullgraph": (bool, False),
-    "attention": (Attention, "sdp"),
-    "channels_last": (bool, False),
-    "sampler": (SamplerName, "euler"),
-    "resolution": (Resolution, (512, 512)),
-    "steps": (Annotated[int, Field(ge=1, le=1000)], 20),
-    "guidance": (Annotated[float, Field(ge=0)], 7.5),
-    "seed": (Annotated[int, Field(ge=0)], 0),
-    "batch": (Annotated[int, Field(ge=1, le=256)], 1),
-    # workflow parameters (used by the workflows that need them, ignored by the others)
-    "strength": (Annotated[float, Field(ge=0, le=1)], 0.75),
-    "init_image": (Annotated[str, Field(min_length=1)], "generated"),
-    "mask": (Annotated[str, Field(min_length=1)], "center"),
-    "outpaint_px": (Annotated[int, Field(ge=8, le=1024, multiple_of=8)], 32),
-    "hires_scale": (Annotated[float, Field(gt=1, le=4)], 2.0),
-    "hires_upscaler": (Literal["latent", "image"], "latent"),
-    # features
-    "lora": (Annotated[str, BeforeValidator(_check_lora)], "none"),
-    "embedding": (Annotated[str, BeforeValidator(_check_embedding)], "none"),
-}
+#: Every axis with its schema type and default, derived from :data:`harness.axes.AXES`.
+#: The matrix and the include/exclude entries are built from it. A backend name is any
+#: non-empty string here: it is checked against the backend registry when the matrix is
+#: expanded (:func:`harness.matrix.expand`), where installed plugins are known.
+AXES: dict[str, tuple[Any, Any]] = _schema_axes()
 
 
 def _as_list(value: Any) -> Any:
     return value if isinstance(value, list) else [value]
 
 
-#: Default wall-clock budget of one model load (seconds): generous, it only stops a hang.
-DEFAULT_LOAD_TIMEOUT_S = 1800.0
-#: A cell whose it/s varies more than this over its repeats (coefficient of variation) is
-#: marked noisy in every table that shows it/s.
-DEFAULT_NOISE_LIMIT = 0.05
 _STRICT = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 #: One combination of axis values, every key optional (an ``include`` / ``exclude`` entry).

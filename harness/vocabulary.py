@@ -62,3 +62,7 @@ Status = Literal["ok", "error", "oom", "timeout", "crashed", "unsupported"]
 #: (a signal, a non-zero exit, a broken pipe) without reporting it.
 STATUSES: tuple[str, ...] = ("ok", "error", "oom", "timeout", "crashed", "unsupported")
 FAILED_STATUSES: frozenset[str] = frozenset({"error", "oom", "timeout", "crashed"})
+
+#: What the long-prompt conformance check observed (its ``finding``): tokens past 77 change
+#: the output (``keeps``) or change nothing (``truncates``).
+KEEPS, TRUNCATES = "keeps", "truncates"

@@ -54,10 +54,10 @@ def _preload() -> str | None:
     """Do a worker's imports; None when done, else why the template cannot serve."""
     import torch
 
-    from backends import BACKEND_NAMES, get_backend
+    from backends import BUILTIN, get_backend
     from harness import execute, worker  # noqa: F401 - the worker's own modules
 
-    for name in BACKEND_NAMES:
+    for name in BUILTIN:  # not plugins: one that starts threads would disable the template
         try:
             get_backend(name).imports()
         except Exception:  # noqa: BLE001, S112 - a broken backend fails in its worker, as before

@@ -30,34 +30,22 @@ from typing import Any
 
 import pandas as pd
 
+from harness import axes as axis_table
+from harness.vocabulary import KEEPS, TRUNCATES
 from reports.cells import ImageResolver
-from reports.formatting import embedding_label, lora_label, number
-from reports.table import WORKFLOW_PARAMS, latest_records
+from reports.formatting import number
+from reports.table import latest_records
 
 #: Workflows in the order the matrix lists them (``harness.vocabulary.Workflow``).
 WORKFLOW_ORDER: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "outpaint", "hires")
-#: Fields that tell features apart, in the order labels mention them (backend and offload
-#: are the columns).
+#: The axes that are the matrix's columns, and the one that heads every feature label.
+COLUMN_AXES: tuple[str, ...] = ("backend", "offload")
+HEAD_AXIS = "workflow"
+#: Fields that tell features apart: every axis's fields but the columns' (from
+#: :data:`harness.axes.AXES`), then the prompts.
 FEATURE_FIELDS: tuple[str, ...] = (
-    "workflow",
-    "model",
-    "sampler",
-    "lora",
-    "embedding",
-    *WORKFLOW_PARAMS,
-    "source",
-    "device",
-    "dtype",
-    "compile",
-    "fullgraph",
-    "attention",
-    "channels_last",
-    "width",
-    "height",
-    "steps",
-    "guidance",
-    "seed",
-    "batch",
+    *(name for axis in axis_table.AXES if axis.name not in COLUMN_AXES
+      for name in axis.record_fields),
     "prompt",
     "negative_prompt",
 )
@@ -89,7 +77,7 @@ _CHECK_OUTCOME = {"pass": "pass", "fail": "fail", "error": "fail", "differs": "d
 _CELL_OUTCOME = {"ok": "pass", "unsupported": "unsupported"}  # error, oom, timeout: fail
 _OFFLOAD_ORDER: tuple[str, ...] = ("none", "medvram", "lowvram")
 #: ``harness.conformance.check_long_prompt``'s wording: which outcome means what.
-_KEEPS, _TRUNCATES = "keeps", "truncates"
+_KEEPS, _TRUNCATES = KEEPS, TRUNCATES
 
 
 @dataclass(frozen=True)
@@ -310,13 +298,11 @@ def _base_model(model: Any) -> str:
 
 def _features(record: dict[str, Any]) -> dict[str, Any]:
     """The record's :data:`FEATURE_FIELDS`, parameters of other workflows blanked."""
-    workflow = record.get("workflow")
-    values = {}
-    for name in FEATURE_FIELDS:
-        value = _clean(record.get(name))
-        if name in WORKFLOW_PARAMS and workflow not in WORKFLOW_PARAMS[name]:
-            value = None
-        values[name] = value
+    workflow = record.get(HEAD_AXIS)
+    values = {name: _clean(record.get(name)) for name in FEATURE_FIELDS}
+    for axis in axis_table.AXES:
+        if not axis.used_by(workflow):
+            values.update(dict.fromkeys(axis.record_fields))
     return values
 
 
@@ -328,62 +314,35 @@ def _varying(features: Sequence[dict[str, Any]]) -> set[str]:
     return varying
 
 
-def _number_text(value: Any) -> str:
-    v = number(value)
-    return f"{v:g}" if v is not None else str(value)
-
-
 def feature_label(values: dict[str, Any], varying: set[str],
                   distinct: dict[str, list[Any]]) -> str:
     """``inpaint (9-channel) · LoRA style@0.5 · strength 0.5 (fp16, 30 steps)``.
 
-    The features that define a workflow variant are joined with ``·``; every other field
-    that varies in the scenario follows in parentheses (spelled as the table's row labels
-    spell them; repeated here on purpose rather than shared, the two label different things).
+    The workflow, then the *feature* axes (:attr:`harness.axes.Axis.feature`) that vary or
+    have a value other than their quiet one, joined with ``·``; every other field that varies
+    in the scenario follows in parentheses. Every axis is spelled as report rows spell it
+    (:attr:`harness.axes.Axis.label`); an inpainting model reads as its base model plus
+    ``(9-channel)``.
     """
-    head = str(values["workflow"]) + (" (9-channel)" if is_nine_channel(values["model"]) else "")
-    parts = [head]
-    if "model" in varying:
-        parts.append(f"model {_base_model(values['model'])}")
-    if "sampler" in varying:
-        parts.append(f"sampler {values['sampler']}")
-    if values["lora"] not in (None, "none"):
-        parts.append(f"LoRA {lora_label(str(values['lora']))}")
-    if values["embedding"] not in (None, "none"):
-        parts.append(f"embedding {embedding_label(str(values['embedding']))}")
-    spelled = {"strength": "strength {}", "init_image": "init image {}", "mask": "mask {}",
-               "outpaint_px": "outpaint {} px", "hires_scale": "hires ×{}",
-               "hires_upscaler": "{} upscaler"}
-    for name, pattern in spelled.items():
-        if name in varying and values[name] is not None:
-            parts.append(pattern.format(_number_text(values[name])))
+    workflow = values[HEAD_AXIS]
+    parts = [str(workflow) + (" (9-channel)" if is_nine_channel(values["model"]) else "")]
     extras: list[str] = []
-    if {"width", "height"} & varying:
-        extras.append(f"{values['width']}x{values['height']}")
-    for name in FEATURE_FIELDS[FEATURE_FIELDS.index("source"):]:
-        if name not in varying or name in ("width", "height"):
+    for axis in axis_table.AXES:
+        if axis.name in (*COLUMN_AXES, HEAD_AXIS):
             continue
-        value = values[name]
-        if name == "source":
-            extras.append(f"from {value}")
-        elif name == "compile":
-            extras.append("eager" if value == "none" else f"compile {value}")
-        elif name == "fullgraph":
-            extras.append("fullgraph" if value else "graph breaks")
-        elif name == "channels_last":
-            extras.append("channels-last" if value else "contiguous")
-        elif name == "attention":
-            extras.append(f"{value} attention")
-        elif name in ("steps",):
-            extras.append(f"{value} steps")
-        elif name == "guidance":
-            extras.append(f"cfg {_number_text(value)}")
-        elif name in ("seed", "batch"):
-            extras.append(f"{name} {value}")
-        elif name in ("prompt", "negative_prompt"):
-            extras.append(f"{name.replace('_', ' ')} #{distinct[name].index(value) + 1}")
-        else:
-            extras.append(str(value))
+        value = axis.value_of(values)
+        if value is None or not axis.used_by(workflow) or axis.is_quiet(value):
+            continue
+        if axis.name == "model":
+            value = _base_model(value)
+        if axis.feature:
+            if axis.name in varying or axis.has_quiet:
+                parts.append(axis.label(value))
+        elif set(axis.record_fields) & varying:
+            extras.append(axis.label(value))
+    for name in ("prompt", "negative_prompt"):
+        if name in varying:
+            extras.append(f"{name.replace('_', ' ')} #{distinct[name].index(values[name]) + 1}")
     return " · ".join(parts) + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -453,20 +412,10 @@ def run_outcome(record: dict[str, Any]) -> Outcome:
 
 
 def _long_prompt_behaviour(check: dict[str, Any]) -> str | None:
-    """``keeps`` / ``truncates`` from ``check_long_prompt``'s detail, whatever its claim."""
-    detail = str(check.get("detail") or "")
-    status = check.get("status")
-    if status == "pass":
-        if detail.startswith("keeps"):
-            return _KEEPS
-        if detail.startswith("truncates"):
-            return _TRUNCATES
-    elif status == "fail":
-        if "change nothing" in detail:
-            return _TRUNCATES
-        if "change the output" in detail:
-            return _KEEPS
-    return None
+    """``keeps`` / ``truncates``: what ``check_long_prompt`` observed (its ``finding``),
+    whatever the backend claimed; None for an error or a record without it."""
+    finding = check.get("finding")
+    return finding if finding in (_KEEPS, _TRUNCATES) else None
 
 
 def check_outcome(name: str, check: dict[str, Any], record: dict[str, Any],

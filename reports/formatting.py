@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import PurePath
 from typing import Any
+
+from harness.axes import embedding_label, extra_name, lora_label
+
+__all__ = ["embedding_label", "extra_name", "lora_label"]  # spelled by the axis table
 
 MISSING = "-"
 
@@ -139,26 +142,6 @@ def short(value: Any, limit: int = 80) -> str:
     lines = text(value).strip().splitlines()
     first = lines[0] if lines else ""
     return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"
-
-
-def extra_name(ref: str) -> str:
-    """``zoo:style`` -> ``style``; a file path -> its stem."""
-    ref = ref.strip()
-    return ref[4:] if ref.startswith("zoo:") else PurePath(ref).stem
-
-
-def lora_label(value: str) -> str:
-    """``zoo:style@0.5+zoo:detail@1`` -> ``style@0.5+detail@1``."""
-    parts = []
-    for part in value.split("+"):
-        ref, _, strength = part.strip().rpartition("@")
-        parts.append(f"{extra_name(ref)}@{strength}" if ref else extra_name(part))
-    return "+".join(parts)
-
-
-def embedding_label(value: str) -> str:
-    """``zoo:sbstyle+/x/tok.pt`` -> ``sbstyle+tok``."""
-    return "+".join(extra_name(part) for part in value.split("+"))
 
 
 def metric(name: str, value: Any) -> str:

@@ -218,21 +218,22 @@ def write_sample(
 
 
 #: The conformance sample: ``(cell id, axes, status, reason, checks, parity)`` per cell;
-#: ``checks`` maps a check name to ``(status, detail, value)``, ``parity`` is
+#: ``checks`` maps a check name to ``(status, detail, value[, finding])``, ``parity`` is
 #: ``(reference cell id, latent rel. error, PSNR dB, status)``. It has one of each outcome:
 #: pass, fail (a failed check, a check that raised, a cell that errored), differs and
 #: unsupported, and reasons with ``<script>`` in them to exercise escaping.
 CONFORMANCE_CELLS: tuple[tuple[str, dict[str, Any], str, str | None,
-                               dict[str, tuple[str, str, float | None]],
+                               dict[str, tuple[Any, ...]],
                                tuple[str, float, float, str] | None], ...] = (
     ("original-txt2img-euler", {"backend": "original"}, "ok", None, {
         "determinism": ("pass", "same seed twice: identical images", 0.0),
         "long_prompt": ("pass", "keeps long prompts: tokens past 77 change the output "
-                                "(latent rel. error 0.0619)", 0.0619),
+                                "(latent rel. error 0.0619)", 0.0619, "keeps"),
     }, None),
     ("diffusers-txt2img-euler", {}, "ok", None, {
         "determinism": ("pass", "same seed twice: identical images", 0.0),
-        "long_prompt": ("pass", "truncates at 77 tokens: tokens past 77 change nothing", 0.0),
+        "long_prompt": ("pass", "truncates at 77 tokens: tokens past 77 change nothing", 0.0,
+                        "truncates"),
     }, ("original-txt2img-euler", 3.0979e-06, 86.0153, "pass")),
     ("original-txt2img-dpmpp_2m", {"backend": "original", "sampler": "dpmpp_2m"}, "ok", None, {
         "determinism": ("pass", "same seed twice: identical images", 0.0),
@@ -297,8 +298,9 @@ def _write_conformance(store: Any, directory: Path, run_id: str, environment: di
             continue
         metrics = metrics_for(8.0 * scale, 1, 4, 0.5, None)
         metrics["output_shape"] = [1, 64, 64, 3]
-        found = {name: {"status": st, "detail": detail, "value": value}
-                 for name, (st, detail, value) in checks.items()}
+        found = {name: {"status": st, "detail": detail, "value": value,
+                        "finding": finding[0] if finding else None}
+                 for name, (st, detail, value, *finding) in checks.items()}
         if parity is not None:
             ref, error, quality, verdict = parity
             metrics.update(parity_ref=ref, parity_ref_backend="original",

@@ -25,55 +25,24 @@ from typing import Any
 
 import pandas as pd
 
-from harness.scenario import DEFAULT_NOISE_LIMIT
-from reports.formatting import embedding_label, lora_label, number
+from harness import axes as axis_table
+from harness.cell import DEFAULT_NOISE_LIMIT
+from reports.formatting import number
 from reports.verdicts import SPEED_METRIC, Verdict, VerdictIndex
 
-#: Fields that define a row (a pipeline). Every cell axis but ``batch``, plus the scenario
-#: settings and the environment, which may differ between records of one scenario when the
-#: results of several runs are merged. Listed in the order row labels mention them.
+#: Fields that define a row that are not axes: the scenario's settings and the environment,
+#: which may differ between records of one scenario when the results of several runs are
+#: merged. Row labels spell them after the axes.
+RUN_FIELDS: tuple[str, ...] = ("prompt", "negative_prompt", "repeats", "warmup", "env_fingerprint")
+#: The axes a row label starts with (``diffusers medvram with safetensors``); the others follow
+#: in parentheses, in the axis table's order.
+HEAD_AXES: tuple[str, ...] = ("backend", "offload", "source")
+#: Fields that define a row (a pipeline): every axis's fields but ``batch`` (the columns),
+#: from :data:`harness.axes.AXES`, then :data:`RUN_FIELDS`.
 ROW_FIELDS: tuple[str, ...] = (
-    "backend",
-    "offload",
-    "source",
-    "model",
-    "workflow",
-    "strength",
-    "init_image",
-    "mask",
-    "outpaint_px",
-    "hires_scale",
-    "hires_upscaler",
-    "lora",
-    "embedding",
-    "device",
-    "dtype",
-    "compile",
-    "fullgraph",
-    "attention",
-    "channels_last",
-    "sampler",
-    "width",
-    "height",
-    "steps",
-    "guidance",
-    "seed",
-    "prompt",
-    "negative_prompt",
-    "repeats",
-    "warmup",
-    "env_fingerprint",
+    *(name for name in axis_table.record_fields() if name != "batch"),
+    *RUN_FIELDS,
 )
-#: Workflow parameters and the workflows that use them (``harness.runner.request_for``); for
-#: the other workflows the value is an unused default, which labels leave out.
-WORKFLOW_PARAMS: dict[str, tuple[str, ...]] = {
-    "strength": ("img2img", "inpaint", "outpaint", "hires"),
-    "init_image": ("img2img", "inpaint", "outpaint"),
-    "mask": ("inpaint",),
-    "outpaint_px": ("outpaint",),
-    "hires_scale": ("hires",),
-    "hires_upscaler": ("hires",),
-}
 #: Preferred value order for row sorting; other fields sort by first appearance.
 _VALUE_ORDER: dict[str, tuple[Any, ...]] = {
     "offload": ("none", "medvram", "lowvram"),
@@ -222,64 +191,37 @@ def _label(key: tuple[Any, ...], varying: set[str], distinct: dict[str, list[Any
            brief: bool = False) -> str:
     """``diffusers medvram with safetensors (fp16, 30 steps)``.
 
-    Every varying field appears spelled with its value (defaults included), so labels of
-    different keys always differ. ``brief`` leaves out what tells nothing apart in practice:
-    a workflow parameter of another workflow (the strength of a txt2img cell) and ``none``
-    LoRA / embedding (the rows that have one say so).
+    Every varying field appears spelled with its value (defaults included), as its axis
+    spells it (:attr:`harness.axes.Axis.label`), so labels of different keys always differ.
+    ``brief`` leaves out what tells nothing apart in practice: a workflow parameter of another
+    workflow (the strength of a txt2img cell) and a quiet feature value (``none`` LoRA /
+    embedding: the rows that have one say so).
     """
     values = dict(zip(ROW_FIELDS, key, strict=True))
-    if brief:
-        varying = {
-            field for field in varying
-            if not (field in WORKFLOW_PARAMS and values["workflow"] not in WORKFLOW_PARAMS[field])
-            and not (field in ("lora", "embedding") and values[field] == "none")
-        }
     words = [str(values["backend"])]
-    if values["offload"] not in (None, "none"):
-        words.append(str(values["offload"]))
-    if values["source"] not in (None, "hub"):
-        words.append(f"with {values['source']}")
     extras: list[str] = []
-    if {"width", "height"} & varying:
-        extras.append(f"{values['width']}x{values['height']}")
-    for field in ROW_FIELDS:
-        if field not in varying or field in ("backend", "offload", "source", "width", "height"):
+    for axis in axis_table.AXES:
+        value = axis.value_of(values)
+        if axis.name in HEAD_AXES[1:]:
+            if value is not None and not axis.is_quiet(value):
+                words.append(axis.label(value))
+            continue
+        if axis.name in HEAD_AXES or not set(axis.record_fields) & varying or value is None:
+            continue
+        if brief and (not axis.used_by(values["workflow"])
+                      or (axis.feature and axis.is_quiet(value))):
+            continue
+        extras.append(axis.label(value))
+    for field in RUN_FIELDS:
+        if field not in varying:
             continue
         value = values[field]
-        if field == "compile":
-            extras.append("eager" if value == "none" else f"compile {value}")
-        elif field == "fullgraph":
-            extras.append("fullgraph" if value else "graph breaks")
-        elif field == "channels_last":
-            extras.append("channels-last" if value else "contiguous")
-        elif field == "attention":
-            extras.append(f"{value} attention")
-        elif field == "steps":
-            extras.append(f"{value} steps")
-        elif field == "guidance":
-            extras.append(f"cfg {value:g}" if number(value) is not None else f"cfg {value}")
-        elif field == "seed":
-            extras.append(f"seed {value}")
-        elif field in ("repeats", "warmup"):
-            extras.append(f"{field} {value}")
-        elif field in ("prompt", "negative_prompt"):
+        if field in ("prompt", "negative_prompt"):
             extras.append(f"{field.replace('_', ' ')} #{_ordinal(distinct[field], value)}")
-        elif field == "lora":
-            extras.append("no LoRA" if value == "none" else f"LoRA {lora_label(str(value))}")
-        elif field == "embedding":
-            extras.append("no embedding" if value == "none"
-                          else f"embedding {embedding_label(str(value))}")
-        elif field in ("strength", "hires_scale", "outpaint_px"):
-            shown = f"{value:g}" if number(value) is not None else str(value)
-            extras.append(f"{field.replace('_', ' ')} {shown}")
-        elif field in ("init_image", "mask"):
-            extras.append(f"{field.replace('_', ' ')} {value}")
-        elif field == "hires_upscaler":
-            extras.append(f"{value} upscaler")
         elif field == "env_fingerprint":
             extras.append(f"env {str(value)[:8]}")
         else:
-            extras.append(str(value))
+            extras.append(f"{field} {value}")
     return " ".join(words) + (f" ({', '.join(extras)})" if extras else "")
 
 

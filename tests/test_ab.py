@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.ab import load_ab, resolve_side
+from harness.ab import MAX_REPEATS_PER_ROUND, ROUND_MIN_S, load_ab, repeats_per_round, resolve_side
 from harness.errors import UserError
 from tests.conftest import write_scenario
 
@@ -45,6 +45,8 @@ def test_a_against_a_is_not_flagged_and_the_report_shows_it(tmp_path: Path) -> N
     (record,) = load_ab(out)
     assert record["verdict"] in ("unchanged", "inconclusive")
     assert record["seed"] and len(record["order"]) == record["verdicts"][0]["rounds"]
+    # a tiny 64 px generation is far shorter than a round: it repeats within each round
+    assert 2 <= record["repeats_per_round"] <= MAX_REPEATS_PER_ROUND
     assert {tuple(pair) for pair in record["order"]} <= {("base", "head"), ("head", "base")}
     assert record["base"]["kind"] == record["head"]["kind"] == "dir"
     rounds = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -69,6 +71,13 @@ def test_a_fifteen_percent_slower_unet_is_found(tmp_path: Path, base, head, expe
     (record,) = load_ab(tmp_path / "out")
     assert record["verdict"] == expected, done.stdout
     assert done.returncode == (1 if expected == "regression" else 0)
+
+
+def test_a_round_lasts_at_least_its_minimum_on_the_faster_side() -> None:
+    assert repeats_per_round([ROUND_MIN_S * 2, ROUND_MIN_S * 3]) == 1
+    assert repeats_per_round([ROUND_MIN_S / 4, ROUND_MIN_S / 2]) == 4  # the faster side's count
+    assert repeats_per_round([ROUND_MIN_S / 1000, None]) == MAX_REPEATS_PER_ROUND
+    assert repeats_per_round([None, None]) == 1
 
 
 def test_sides_from_a_git_ref_a_directory_and_a_python(tmp_path: Path) -> None:

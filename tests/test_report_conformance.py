@@ -290,7 +290,7 @@ def test_labels_and_formatting() -> None:
     values.update(workflow="outpaint", model="sd15-inpaint", outpaint_px=32, dtype="fp16",
                   lora="none", embedding="zoo:sbstyle")
     label = feature_label(values, {"outpaint_px", "dtype"}, {})
-    assert label == "outpaint (9-channel) · embedding sbstyle · outpaint 32 px (fp16)"
+    assert label == "outpaint (9-channel) · outpaint 32 px · embedding sbstyle (fp16)"
     assert (psnr(19.6937), psnr(100.0), psnr(None)) == ("19.7 dB", "identical", "-")
     assert (rel_error(3.0979e-06), rel_error(0.0)) == ("3.1e-06", "0")
     assert set(CHECK_LABELS) >= {"determinism", "long_prompt", "parity", "lora_merged"}

@@ -187,10 +187,10 @@ def test_rows_never_merge_cells_that_differ_beyond_batch(tmp_path: Path) -> None
     table = build_tables(load(_store(tmp_path, entries)))[0]
     labels = [row.label for row in table.rows]
     assert len(labels) == len(set(labels)) == 6
-    assert "diffusers (512x512, fp16, 20 steps)" in labels
-    assert "diffusers (768x512, fp16, 20 steps)" in labels
-    assert "diffusers with safetensors (512x512, fp16, 20 steps)" in labels
-    assert "diffusers (512x512, fp32, 30 steps)" in labels
+    assert "diffusers (fp16, 512x512, 20 steps)" in labels  # in the axis table's order
+    assert "diffusers (fp16, 768x512, 20 steps)" in labels
+    assert "diffusers with safetensors (fp16, 512x512, 20 steps)" in labels
+    assert "diffusers (fp32, 512x512, 30 steps)" in labels
     for row in table.rows:  # every cell of a row has the row's axes
         assert len({cell_id.rsplit("-b", 1)[0] for cell_id in row.cell_ids}) == 1
 

@@ -132,3 +132,26 @@ def test_latest_is_by_timestamp_then_file_order(tmp_path: Path) -> None:
     assert latest(load([tmp_path / "a", tmp_path / "b"]))["its"].tolist() == [7.0]
     second.append(tie)  # equal timestamps: the later line wins
     assert latest(load([tmp_path / "a", tmp_path / "b"]))["its"].tolist() == [9.0]
+
+
+def test_compare_reports_and_resume_agree_on_the_latest_record(tmp_path: Path) -> None:
+    """One rule (:func:`harness.results.newest`) for every reader of merged directories."""
+    import dataclasses
+
+    from harness.compare import compare
+    from harness.plan import pending
+    from reports.table import build_tables
+
+    cells = _cells()
+    newer = dataclasses.replace(_ok(cells[0], 7.0, "run-2"), timestamp="2026-12-01T10:00:05")
+    older = dataclasses.replace(_ok(cells[0], 3.0, "run-1"), timestamp="2026-12-01T10:00:00")
+    ResultStore(tmp_path / "a").append(newer)
+    ResultStore(tmp_path / "b").append(older)  # later in file order, older in time
+    merged = load([tmp_path / "a", tmp_path / "b"])
+    (table,) = build_tables(merged)
+    assert table.rows[0].slots[0].its == 7.0
+    compared = compare(merged, merged).table
+    assert set(compared[compared["metric"] == "its"]["current"]) == {7.0}
+    records = [newer, older]
+    assert pending([cells[0]], records, newer.env_fingerprint) == []  # the newer one counts
+    assert pending([cells[0]], records, "another environment") == [cells[0]]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import UserError, load_scenario, parse_scenario
+from harness import UserError, expand, load_scenario, parse_scenario
 from tests.conftest import write_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def test_fingerprint_tracks_content_not_path() -> None:
 def test_bad_files_give_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
     path = write_scenario(tmp_path, text, "bad.yaml")
     with pytest.raises(UserError) as caught:
-        load_scenario(path)
+        expand(load_scenario(path))  # a backend name is checked at expansion
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(str(tmp_path)), message

@@ -10,14 +10,12 @@ read from the checkpoint when present, else derived from the linear betas of the
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from backends.original.text import FrozenCLIPEmbedder
-from backends.original.unet import UNetConfig, UNetModel
-from backends.original.vae import AutoencoderConfig, AutoencoderKL
+from backends.original.unet import UNetModel
+from backends.original.vae import AutoencoderKL
 
 
 def linear_alphas_cumprod(linear_start: float, linear_end: float, timesteps: int) -> torch.Tensor:
@@ -52,21 +50,6 @@ class LatentDiffusion(nn.Module):
         self.scale_factor = float(scale_factor)
         #: float32, CPU, ``[num_train_timesteps]``; not part of the state dict.
         self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float32)
-
-    @classmethod
-    def from_ldm_config(
-        cls, ldm: dict[str, Any], cond_stage: FrozenCLIPEmbedder
-    ) -> LatentDiffusion:
-        """Modules with uninitialised-but-valid weights (call :meth:`load_state_dict` next)."""
-        return cls(
-            UNetModel(UNetConfig.from_ldm(ldm["unet"])),
-            AutoencoderKL(AutoencoderConfig.from_ldm(ldm["first_stage"])),
-            cond_stage,
-            scale_factor=ldm["scale_factor"],
-            alphas_cumprod=linear_alphas_cumprod(
-                ldm["linear_start"], ldm["linear_end"], ldm["timesteps"]
-            ),
-        )
 
     @property
     def unet(self) -> UNetModel:
