@@ -12,7 +12,9 @@ record says which). After each side's warm-up, **rounds** of timed generations p
 in a balanced order (ABBA / BAAB per pair of rounds, drawn from a recorded seed) so that
 linear drift cancels. A round is one generation per side where a generation lasts
 :data:`ROUND_MIN_S` or more; a faster one is repeated within the round (the same count on both
-sides, recorded as ``repeats_per_round``) and the round's figure is the median of its repeats.
+sides, recorded as ``repeats_per_round``), the sides taking turns generation by generation
+(ABBA within the round too), and a side's figure for the round is the median of its
+generations (memory: the largest peak).
 Every ``2`` rounds from ``min_rounds`` on, the per-round it/s ratios
 head / base are judged (:mod:`harness.paired`); an ``inconclusive`` cell gets more rounds, up
 to ``max_rounds``. Memory figures come from each side's own worker, per round, and are
@@ -33,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,10 +78,10 @@ AB_METRICS: tuple[tuple[str, bool, str], ...] = (
     ("gpu_allocated_peak_gb", False, "memory"),
 )
 #: A round times each side for at least this long: a fast generation (a tiny model, a small
-#: image) is repeated within the round, at most :data:`MAX_REPEATS_PER_ROUND` times, and the
-#: round's figure is the median of its repeats (timeit's autorange habit), so that one
-#: generation the machine disturbed cannot swing a round. A generation as long as this runs
-#: once per round.
+#: image) is repeated within the round, at most :data:`MAX_REPEATS_PER_ROUND` times, the sides
+#: taking turns generation by generation, and a side's figure is the median of its
+#: generations (timeit's autorange habit), so that one generation the machine disturbed
+#: cannot swing a round. A generation as long as this runs once per round.
 ROUND_MIN_S = 0.5
 MAX_REPEATS_PER_ROUND = 8
 #: Cell verdicts besides the paired ones.
@@ -257,23 +260,32 @@ class ABRunner:
         alternate = record["residency"] != "both"
         walls = [arm.warm_wall_s for arm in (base, head)]
         record["repeats_per_round"] = per_round = repeats_per_round(walls)
+        # resident sides take turns generation by generation within a round; sides that
+        # reload each time run their round's generations in one go after their warm-up
+        turns, repeats = (1, per_round) if alternate else (per_round, 1)
         one = dataclasses.replace(cell, warmup=cell.warmup if alternate else 0,
-                                  repeats=per_round, checks=())
+                                  repeats=repeats, checks=())
         series: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
         orders = balanced_orders(self.max_rounds // 2 + 1, record["seed"])
         verdict: PairedVerdict | None = None
         for number, order in enumerate(orders[: self.max_rounds], start=1):
-            for label in order:
-                arm = self.arms[label]
-                if alternate:
-                    self.arms["head" if label == "base" else "base"].slot.close()
-                ran = arm.slot.run(one).result
-                if ran.status != "ok":
-                    return self._finish(record, "error", f"{label}, round {number}: {_status(ran)}")
-                metrics = {**ran.metrics, "ab_side": label, "ab_round": number}
-                self.store.append(dataclasses.replace(ran, run_id=self.run_id, metrics=metrics))
-                kept = {key: ran.metrics.get(key) for key, _, _ in AB_METRICS}
-                series[label].append({**kept, "wall_s": ran.metrics.get("wall_s")})
+            ran_in_round: dict[str, list[Result]] = {"base": [], "head": []}
+            for turn in range(turns):
+                for label in order if turn % 2 == 0 else order[::-1]:
+                    arm = self.arms[label]
+                    if alternate:
+                        self.arms["head" if label == "base" else "base"].slot.close()
+                    ran = arm.slot.run(one).result
+                    if ran.status != "ok":
+                        return self._finish(record, "error",
+                                            f"{label}, round {number}: {_status(ran)}")
+                    metrics = {**ran.metrics, "ab_side": label, "ab_round": number,
+                               "ab_turn": turn + 1}
+                    self.store.append(dataclasses.replace(ran, run_id=self.run_id,
+                                                          metrics=metrics))
+                    ran_in_round[label].append(ran)
+            for label, results in ran_in_round.items():
+                series[label].append(round_figures(results))
             if number >= self.min_rounds and number % 2 == 0:
                 verdict = self._judge("its", series, cell)
                 if settled(verdict, self.max_rounds):
@@ -313,6 +325,22 @@ class ABRunner:
             handle.flush()
             os.fsync(handle.fileno())
         return record
+
+
+def round_figures(results: Sequence[Result]) -> dict[str, Any]:
+    """One side's figures of a round from its generations: the median of each speed metric,
+    the largest memory peak, the median wall time."""
+    figures: dict[str, Any] = {}
+    for name, _higher, kind in AB_METRICS:
+        values = [r.metrics.get(name) for r in results]
+        known = [float(v) for v in values if v is not None]
+        if len(known) != len(values) or not known:
+            figures[name] = None
+        else:
+            figures[name] = statistics.median(known) if kind == "speed" else max(known)
+    walls = [float(r.metrics["wall_s"]) for r in results if r.metrics.get("wall_s") is not None]
+    figures["wall_s"] = statistics.median(walls) if walls else None
+    return figures
 
 
 def repeats_per_round(walls: Sequence[float | None]) -> int:

@@ -123,10 +123,10 @@ class Cell:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Cell:
-        names = _field_names()
+        names = field_names()
         values = {key: value for key, value in data.items() if key in names and key != "axes"}
         values["checks"] = tuple(values.get("checks", ()))
-        values["axes"] = _own_axes(data)
+        values["axes"] = own_axes(data)
         return cls(**values)
 
     @property
@@ -151,13 +151,13 @@ class Cell:
         return (self.width, self.height)
 
 
-def _field_names() -> set[str]:
+def field_names() -> set[str]:
     return {field.name for field in fields(Cell)}
 
 
-def _own_axes(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+def own_axes(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """The values of the axes that are not :class:`Cell` fields, as ``Cell.axes``."""
-    own = _field_names()
+    own = field_names()
     return tuple(sorted(
         (axis.name, values[axis.name]) for axis in axis_table.AXES
         if axis.name not in own and axis.name != "resolution" and axis.name in values

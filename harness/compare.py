@@ -16,6 +16,9 @@ A change gets a verdict only with both an effect and evidence (asv's ``compare``
 Verdicts: ``regression`` / ``improvement`` (both conditions), ``unchanged`` (either missing;
 the note says which), ``new`` (only in the current run), ``missing`` (only in the baseline,
 or failed now), ``not comparable`` (environment or workload differs; the note says what).
+Every row also carries the spread of both sides' repeats (``baseline_cv``, ``current_cv``)
+and the scenario's noise limit, so the text and Markdown tables show each figure as the
+report does (``7.99 it/s ±0.8%``, ``noisy`` past ``thresholds.noise``).
 Everything here returns numbers in a DataFrame; :func:`to_text` and :func:`to_markdown` render
 them for the command line (the HTML report lives in ``reports/``).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,8 +36,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-from scipy.special import comb
 
 from harness import axes as axis_table
 from harness import environment
@@ -56,6 +58,9 @@ COLUMNS: tuple[str, ...] = (
     "p_value",
     "threshold",
     "note",
+    "baseline_cv",
+    "current_cv",
+    "noise_limit",
 )
 VERDICTS: tuple[str, ...] = (
     "regression",
@@ -109,6 +114,8 @@ def _clean(values: Any) -> list[float]:
 
 def smallest_p(n: int, m: int) -> float:
     """The smallest one-sided exact Mann–Whitney p-value for samples of sizes n and m."""
+    from scipy.special import comb
+
     return float(1.0 / comb(n + m, n, exact=True))
 
 
@@ -123,6 +130,8 @@ def one_sided_p(
     Mann–Whitney U where the sample sizes can reach ``alpha``, else Welch's t-test on logs.
     Returns NaN with fewer than two values on either side.
     """
+    from scipy import stats  # here: building the CLI's parsers must not import scipy
+
     a, b = _clean(baseline), _clean(current)
     if len(a) < 2 or len(b) < 2:
         return math.nan, f"too few repeats ({len(a)} vs {len(b)})"
@@ -284,7 +293,8 @@ def compare(
         base, now = base_rows.get((scenario, cell_id)), current_rows.get((scenario, cell_id))
         out.extend(_compare_cell(scenario, cell_id, base, now, limits, alpha, metrics))
     table = pd.DataFrame(out, columns=list(COLUMNS))
-    for column in ("baseline", "current", "change", "p_value", "threshold"):
+    for column in ("baseline", "current", "change", "p_value", "threshold", "baseline_cv",
+                   "current_cv", "noise_limit"):
         table[column] = table[column].astype(float)
     return Comparison(table=table, alpha=alpha)
 
@@ -321,6 +331,7 @@ def _compare_cell(
         if a is None and b is None:
             continue
         threshold = threshold_for(limits, metric.kind)
+        column = metric.repeats
         row = {
             "scenario": scenario,
             "cell_id": cell_id,
@@ -330,6 +341,9 @@ def _compare_cell(
             "change": math.nan,
             "p_value": math.nan,
             "threshold": threshold,
+            "baseline_cv": _cv(usable_base, column),
+            "current_cv": _cv(usable_now, column),
+            "noise_limit": limits.noise,
         }
         if a is not None and b is not None and a != 0:
             row["change"] = b / a - 1.0
@@ -345,7 +359,6 @@ def _compare_cell(
             rows.append({**row, "verdict": "not comparable", "note": describe_differences(found)})
         else:
             assert usable_base is not None and usable_now is not None
-            column = metric.repeats
             verdict = judge(
                 metric,
                 a,
@@ -367,13 +380,35 @@ def _compare_cell(
     return rows
 
 
+def _cv(row: Mapping[str, Any] | None, column: str | None) -> float:
+    """The spread (coefficient of variation) of a metric's repeats; NaN without two."""
+    repeats = _clean(row.get(column)) if row is not None and column else None
+    if not isinstance(repeats, list | tuple) or len(repeats) < 2:
+        return math.nan
+    values = [float(v) for v in repeats]
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / mean if mean else math.nan
+
+
 # -- rendering for the command line and pytest ---------------------------------------------
 
 
-def _fmt(value: float, unit: str) -> str:
+def _fmt(value: float, unit: str, cv: float = math.nan, noise_limit: float = math.inf) -> str:
+    """``7.99 it/s``; with a spread over the repeats ``7.99 it/s ±0.8%``, and ``noisy`` past
+    the scenario's noise limit (as the report's tables mark it)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.3g} {unit}"
+    text = f"{value:.3g} {unit}"
+    if cv is not None and not math.isnan(cv):
+        text += f" ±{cv:.1%}" + (" noisy" if cv > noise_limit else "")
+    return text
+
+
+def _sides(row: Mapping[str, Any], unit: str) -> tuple[str, str]:
+    limit = row.get("noise_limit")
+    limit = math.inf if limit is None or math.isnan(limit) else float(limit)
+    return (_fmt(row["baseline"], unit, row.get("baseline_cv", math.nan), limit),
+            _fmt(row["current"], unit, row.get("current_cv", math.nan), limit))
 
 
 def describe(row: Mapping[str, Any]) -> str:
@@ -384,10 +419,8 @@ def describe(row: Mapping[str, Any]) -> str:
     if not math.isnan(row["p_value"]):
         parts.append(f"p={row['p_value']:.2g}")
     parts.append(f"threshold {row['threshold']:.0%}")
-    return (
-        f"{row['metric']}: {_fmt(row['baseline'], unit)} → {_fmt(row['current'], unit)} "
-        f"({', '.join(parts)})"
-    )
+    baseline, current = _sides(row, unit)
+    return f"{row['metric']}: {baseline} → {current} ({', '.join(parts)})"
 
 
 def summary_line(comparison: Comparison) -> str:
@@ -433,12 +466,13 @@ def to_markdown(comparison: Comparison, show_all: bool = False) -> str:
         unit = metric.unit if metric else ""
         change = "-" if math.isnan(row["change"]) else f"{row['change']:+.1%}"
         p_value = "-" if math.isnan(row["p_value"]) else f"{row['p_value']:.2g}"
+        baseline, current = _sides(row, unit)
         cells = [
             row["verdict"],
             f"`{row['scenario']}::{row['cell_id']}`",
             row["metric"],
-            _fmt(row["baseline"], unit),
-            _fmt(row["current"], unit),
+            baseline,
+            current,
             change,
             p_value,
             row["note"],

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
 
 #: Fields that must be equal for two runs' numbers to be compared.
 COMPARABLE_FIELDS: tuple[str, ...] = (
@@ -89,6 +88,8 @@ def _cpu_name() -> str:
 @lru_cache(maxsize=1)
 def collect() -> dict[str, Any]:
     """Describe this machine and its software (cached: it does not change within a run)."""
+    import torch  # here, not at import: the CLI builds its parsers without torch
+
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",

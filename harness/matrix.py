@@ -15,7 +15,7 @@ import itertools
 from typing import Any
 
 from harness import axes as axis_table
-from harness.cell import LOAD_AXES, Cell, _field_names, _own_axes
+from harness.cell import LOAD_AXES, Cell, field_names, own_axes
 from harness.errors import UserError
 from harness.scenario import AXES, Scenario
 
@@ -48,7 +48,7 @@ def expand(scenario: Scenario) -> list[Cell]:
     table = axis_table.AXES
     varying = [axis for axis in table if len({repr(c[axis.name]) for c in unique}) > 1]
     shown = [table[0], *(axis for axis in varying if axis is not table[0])]  # backend first
-    own = _field_names()
+    own = field_names()
     cells: list[Cell] = []
     seen: dict[str, int] = {}
     for combo in unique:
@@ -74,7 +74,7 @@ def expand(scenario: Scenario) -> list[Cell]:
                 load_timeout_s=scenario.load_timeout_s,
                 noise_limit=scenario.thresholds.noise,
                 checks=tuple(scenario.checks),
-                axes=_own_axes(combo),
+                axes=own_axes(combo),
                 **{name: value for name, value in combo.items() if name in own},
             )
         )

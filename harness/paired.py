@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
-from scipy import stats
-
 #: Verdicts of a paired comparison, in the order reports list them.
 PAIRED_VERDICTS: tuple[str, ...] = ("regression", "improvement", "unchanged", "inconclusive")
 DEFAULT_CONFIDENCE = 0.95
@@ -87,6 +85,8 @@ def _rank_k(n: int, confidence: float) -> int:
     tail = (1.0 - confidence) / 2.0
     if n > _EXACT_UP_TO:
         mean, sd = n * (n + 1) / 4.0, math.sqrt(n * (n + 1) * (2 * n + 1) / 24.0)
+        from scipy import stats
+
         return max(1, int(math.floor(mean + stats.norm.ppf(tail) * sd + 0.5)))
     counts = _signed_rank_counts(n)
     total = float(2**n)
@@ -116,6 +116,8 @@ def hodges_lehmann(
 def wilcoxon_p(log_ratios: Sequence[float], shift: float, alternative: str) -> float:
     """``scipy.stats.wilcoxon`` of ``log_ratios − shift`` (exact where scipy can)."""
     shifted = [value - shift for value in log_ratios]
+    from scipy import stats
+
     return float(stats.wilcoxon(shifted, alternative=alternative).pvalue)
 
 

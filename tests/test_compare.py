@@ -216,11 +216,19 @@ def test_text_and_markdown_rendering() -> None:
         frame([result(cell, rng, its=8.0)]), frame([result(cell, rng, its=6.0)])
     )
     text = compare.to_text(comparison)
-    assert "regression  synthetic::diffusers  its: 8.02 it/s → 6.04 it/s (-24.6%, p=0.004" in text
+    row = comparison.table[comparison.table["metric"] == "its"].iloc[0]
+    spread = f"±{row['baseline_cv']:.1%}", f"±{row['current_cv']:.1%}"
+    assert 0 < row["baseline_cv"] < 0.05 and row["noise_limit"] == 0.05
+    assert (f"regression  synthetic::diffusers  its: 8.02 it/s {spread[0]} → 6.04 it/s "
+            f"{spread[1]} (-24.6%, p=0.004") in text
     assert text.splitlines()[-1].startswith("verdict: ")
     markdown = compare.to_markdown(comparison)
     assert markdown.startswith("**sdbench: ❌ regressions found**")
     assert "| regression | `synthetic::diffusers` | its |" in markdown
+    # a figure whose repeats spread past the scenario's noise limit reads as noisy
+    noisy = compare.compare(frame([result(cell, rng, its=8.0, noise=0.2)]),
+                            frame([result(cell, rng, its=8.0)]))
+    assert " noisy → " in compare.to_text(noisy, show_all=True)
 
 
 # -- baselines and the command line ----------------------------------------------------------

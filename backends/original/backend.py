@@ -96,6 +96,8 @@ class OriginalSession(Session):
         self.swapper: ModuleSwapper | None = place(self.ldm, device, cell.offload)
         self.lora = LoraPatcher(layer_names(self.ldm.unet, self.ldm.cond_stage_model.transformer))
         self._embedding_files: dict[Path, torch.Tensor] = {}
+        #: The trigger words and vectors of the request prepared last.
+        self._vectors: dict[str, torch.Tensor] = {}
         eps_model = self.ldm.unet
         if cell.compile != "none":
             eps_model = torch.compile(
@@ -109,7 +111,7 @@ class OriginalSession(Session):
         """Patch the request's LoRA weights in (a no-op when unchanged) and read its
         embedding files (once per session)."""
         self.lora.apply((ref.path, ref.strength) for ref in request.loras)
-        self._embeddings(request)
+        self._vectors = self._embeddings(request)
 
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         if request.workflow not in WORKFLOWS:
@@ -125,7 +127,7 @@ class OriginalSession(Session):
         shape = tuple(request.noise.shape)
 
         self.prepare(request)
-        embeddings = self._embeddings(request)
+        embeddings = self._vectors
         with timer.phase("encode"):
             if guided:
                 negatives = [request.negative_prompt] * request.batch
