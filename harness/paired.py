@@ -18,7 +18,12 @@ rounds. The ratios are judged on their logarithms:
   above ``1 + t``, ``unchanged`` when it lies inside ``[1 − t, 1 + t]``, else
   ``inconclusive`` (more rounds may decide it) — also while there are too few rounds for any
   interval of that confidence (fewer than 6 at 95%). For lower-is-better metrics the sides
-  swap.
+  swap;
+- **precision**: a ``regression`` or ``improvement`` also needs an interval no wider than the
+  band it is judged against, ``high / low ≤ (1 + t)²``. A wide interval beyond the threshold
+  says the rounds disagree more than the gate can resolve (on a loaded machine six rounds of
+  ×0.4–×0.9 are as likely a starved worker as a slower head); the cell stays inconclusive
+  and measures on.
 """
 
 from __future__ import annotations
@@ -136,15 +141,16 @@ def judge(
         raise ValueError(f"{metric}: no round has a value on both sides")
     estimate, low, high = (math.exp(v) for v in hodges_lehmann(logs, confidence))
     worse_low, better_high = 1.0 - threshold, 1.0 + threshold
+    precise = high / low <= better_high**2
     if not higher_is_better:  # memory, load time: a ratio above 1 is worse
         below, above = "improvement", "regression"
     else:
         below, above = "regression", "improvement"
     if 2.0 / 2.0 ** len(logs) > 1.0 - confidence:
         verdict = "inconclusive"  # too few rounds for an interval of this confidence
-    elif high < worse_low:
+    elif high < worse_low and precise:
         verdict = below
-    elif low > better_high:
+    elif low > better_high and precise:
         verdict = above
     elif low >= worse_low and high <= better_high:
         verdict = "unchanged"

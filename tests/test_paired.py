@@ -85,6 +85,18 @@ def test_unchanged_needs_the_interval_inside_the_threshold() -> None:
     assert memory.verdict == "regression" and memory.ratio == pytest.approx(1.3)
 
 
+def test_a_wide_interval_beyond_the_threshold_is_not_a_verdict() -> None:
+    # six A/A rounds of a starved worker (a CPU burner on a 2-core machine, measured): all
+    # below ×0.94, but spread over ×0.27–×0.94 — not evidence at a ±5% threshold
+    base = [10.0] * 6
+    head = [2.72, 9.39, 6.1, 4.8, 7.7, 5.5]
+    wide = judge("its", base, head, 0.05, higher_is_better=True)
+    assert wide.high < 0.95 and wide.verdict == "inconclusive"
+    assert not settled(wide, DEFAULT_MAX_ROUNDS)
+    narrow = judge("its", base, [8.6, 8.7, 8.5, 8.8, 8.6, 8.7], 0.05, higher_is_better=True)
+    assert narrow.verdict == "regression" and narrow.high / narrow.low <= 1.05**2
+
+
 @pytest.mark.parametrize("n", [6, 9, 14, 25])
 def test_interval_inverts_scipys_wilcoxon_test(n: int) -> None:
     rng = random.Random(n)
