@@ -4,6 +4,10 @@
   (peft), one adapter per file, loaded once per session and weighted per request with
   ``set_adapters``; no LoRA = ``disable_lora()`` (the base model's exact output). Keys that
   name no module of the model are an error naming the file (diffusers and peft only warn).
+  A network type beyond LoRA / LoCon (:func:`models.file_network_type`) that diffusers'
+  loader refuses, or loads only in part (it drops DoRA's ``dora_scale`` with a warning), is
+  ``unsupported`` with the loader's own message: which files load is the finding, so
+  nothing converts them behind its back.
 - :class:`TextualInversions`: A1111 embeddings through ``load_textual_inversion``, from a
   file or from vectors handed over by hand, keyed by (trigger word, source).
 """
@@ -11,20 +15,56 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from backends.base import EmbeddingRef, LoraRef, Request
-from harness.errors import UserError
+from harness.errors import UnsupportedError, UserError
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 #: Key prefixes of kohya / A1111 LoRA files (``lora_te1_`` / ``lora_te2_`` are SDXL's).
 KOHYA_PREFIXES: tuple[str, ...] = ("lora_unet_", "lora_te")
+#: The network types whose failure to load is an error, not a finding.
+PLAIN_TYPES: frozenset[str] = frozenset({"lora", "locon"})
+#: Loader warnings that say part of the file was left out.
+_DROPPED = re.compile(r"filter(ed|ing)? out|not compatible|will be ignored", re.IGNORECASE)
+
+
+class _Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def loader_warnings() -> Iterator[list[str]]:
+    """The warnings diffusers logs inside the block, captured instead of printed (the
+    backend silences diffusers' logger otherwise)."""
+    logger = logging.getLogger("diffusers")
+    handlers, level = logger.handlers[:], logger.level
+    captured = _Captured()
+    logger.handlers, logger.level = [captured], logging.WARNING
+    try:
+        yield captured.messages
+    finally:
+        logger.handlers, logger.level = handlers, level
+
+
+def _diffusers_version() -> str:
+    from importlib.metadata import version
+
+    return f"diffusers {version('diffusers')}"
 
 
 def lora_adapter_name(path: Path) -> str:
@@ -129,14 +169,29 @@ class LoraAdapters:
             return name
         name = lora_adapter_name(path)
         expected = self._check_kohya_keys(path, _lora_key_names(path))
-        try:
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, OSError) as error:
+        from models import file_network_type
+
+        network = file_network_type(path)
+        with loader_warnings() as warned:
+            try:
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
+            except (ValueError, KeyError, RuntimeError, OSError, TypeError) as error:
+                self._drop_adapter(name)
+                first = (str(error).strip().splitlines() or [""])[0][:200]
+                said = f"{type(error).__name__}: {first}"
+                if network not in PLAIN_TYPES:
+                    raise UnsupportedError(
+                        f"{_diffusers_version()} does not load a {network} file ({said}): "
+                        f"LoRA '{path}'"
+                    ) from error
+                raise UserError(f"LoRA '{path}': diffusers cannot load it ({said})") from error
+        dropped = [message for message in warned if _DROPPED.search(message)]
+        if dropped:
             self._drop_adapter(name)
-            first = (str(error).strip().splitlines() or [""])[0][:200]
-            raise UserError(
-                f"LoRA '{path}': diffusers cannot load it ({type(error).__name__}: {first})"
-            ) from error
+            raise UnsupportedError(
+                f"{_diffusers_version()} loads a {network} file only in part "
+                f"({dropped[0].splitlines()[0][:300]}): LoRA '{path}'"
+            )
         applied = self._wrapped_modules(name)
         missing = expected - applied
         if missing or not applied:

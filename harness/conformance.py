@@ -15,8 +15,9 @@ in ``checks`` (``determinism``, ``semantics``, ``parity``). Each gives a :class:
     image's latents;
   - ``lora_strength0``: all LoRAs at strength 0 give the no-LoRA output;
     ``lora_monotonic``: the output moves further from the no-LoRA output as the first LoRA's
-    strength grows (0.25, 0.5, 1.0); ``lora_merged`` (two or more LoRAs): the output equals
-    that of the model with the LoRA deltas merged into its weights by hand;
+    strength grows (0.25, 0.5, 1.0); ``lora_merged``: the output equals that of the model
+    with the files' deltas merged into its weights by hand (:func:`models.merge_loras`, every
+    network type's delta as :meth:`models.LoraLayer.delta` defines it);
   - ``embedding_effect``: the trigger word changes the output; ``embedding_by_hand``: the same
     vectors handed over as tensors give the same image as the file.
 
@@ -319,8 +320,7 @@ def semantic_checks(
     if request.loras:
         checks["lora_strength0"] = check_lora_strength0
         checks["lora_monotonic"] = check_lora_monotonic
-        if len(request.loras) >= 2:
-            checks["lora_merged"] = lambda ctx: check_lora_merged(ctx, load_merged)
+        checks["lora_merged"] = lambda ctx: check_lora_merged(ctx, load_merged)
     if request.embeddings:
         checks["embedding_effect"] = check_embedding_effect
         checks["embedding_by_hand"] = check_embedding_by_hand

@@ -255,6 +255,10 @@ class CellExecutor:
 
     def result(self, cell: Cell, status: str, **fields: Any) -> Result:
         env = environment.for_backend(self.env, cell.backend)
+        if cell.lora != "none":  # what the network-types table groups by, whatever the status
+            types = inputs.lora_types(cell.lora, cell.model)
+            if types is not None:
+                fields["metrics"] = {"lora_types": types, **fields.get("metrics", {})}
         return Result(
             run_id=self.run_id,
             cell=cell,

@@ -14,6 +14,7 @@ Everything a backend receives is prepared here, once, the same for every backend
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,19 @@ def parse_loras(spec: str, model: str) -> tuple[LoraRef, ...]:
             LoraRef(path=_resolve_extra(reference, "lora", model), strength=float(strength))
         )
     return tuple(refs)
+
+
+@lru_cache(maxsize=64)
+def lora_types(spec: str, model: str) -> str | None:
+    """The network type of each file of a ``lora`` axis value, ``+``-joined (``loha``,
+    ``lora+locon``; :data:`harness.vocabulary.NETWORK_TYPES`), read from the files' headers;
+    ``None`` when a file cannot be had or read (the cell's own error says why)."""
+    from models import file_network_type
+
+    try:
+        return "+".join(file_network_type(ref.path) for ref in parse_loras(spec, model))
+    except Exception:  # noqa: BLE001 - safetensors raises its own error type
+        return None
 
 
 def parse_embeddings(spec: str, model: str) -> tuple[EmbeddingRef, ...]:

@@ -63,6 +63,16 @@ Status = Literal["ok", "error", "oom", "timeout", "crashed", "unsupported"]
 STATUSES: tuple[str, ...] = ("ok", "error", "oom", "timeout", "crashed", "unsupported")
 FAILED_STATUSES: frozenset[str] = frozenset({"error", "oom", "timeout", "crashed"})
 
+#: The network types of LoRA files (kohya / LyCORIS layouts), in the order reports list
+#: them, with what tells each apart (``models.lora.network_type`` decides it from a file).
+NETWORK_TYPES: dict[str, str] = {
+    "lora": "LoRA: lora_down / lora_up on linear layers (and the transformers' 1x1 projections)",
+    "locon": "LoCon: LoRA on the ResNet convolutions too (a 4-D lora_down with a k x k kernel)",
+    "loha": "LoHa: the Hadamard product of two low-rank pairs (hada_w1_a/b, hada_w2_a/b)",
+    "lokr": "LoKr: a Kronecker product (lokr_w1 and lokr_w2, or their _a / _b factors)",
+    "dora": "DoRA: a LoRA with weight-decomposed magnitudes (dora_scale)",
+}
+
 #: What the long-prompt conformance check observed (its ``finding``): tokens past 77 change
 #: the output (``keeps``) or change nothing (``truncates``).
 KEEPS, TRUNCATES = "keeps", "truncates"

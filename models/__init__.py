@@ -12,7 +12,16 @@ from .convert import (
 )
 from .embeddings import EMBEDDINGS, read_embedding
 from .extras import extra_file, extra_names, model_spec
-from .lora import LORAS, LoraLayer, LoraTarget, lora_targets, merge_loras, read_lora
+from .lora import (
+    LORAS,
+    LoraLayer,
+    LoraTarget,
+    file_network_type,
+    lora_targets,
+    merge_loras,
+    network_type,
+    read_lora,
+)
 from .sources import ResolvedModel, resolve, single_file_spec
 from .specs import SPECS, ModelSpec, base_spec, get_spec
 from .synth import Components, parameter_counts, synthesize
@@ -48,7 +57,9 @@ __all__ = [
     "get_spec",
     "install_in_hf_cache",
     "list_models",
+    "file_network_type",
     "lora_targets",
+    "network_type",
     "materialize",
     "materialize_formats",
     "merge_loras",

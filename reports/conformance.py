@@ -7,6 +7,10 @@ the parity figures ``parity_ref``, ``parity_ref_backend``, ``parity_latent_rel_e
 
 - :class:`ParityRow`: one per parity cell — the pair, the figures, the limits of its dtype
   (``harness.conformance.PARITY_THRESHOLDS``) and both preview images;
+- the network-types table (:attr:`Conformance.networks`, a :class:`ConformanceMatrix`): one
+  group per network type of the LoRA cells of every scenario with conformance data
+  (``lora_types``), ``runs`` and the checks per backend — which files load where, with the
+  loader's message for every unsupported cell;
 - :class:`ConformanceMatrix`: one per scenario with conformance data. **Columns** are the
   backends (with the offload mode when the scenario varies it). **Rows** come in groups, one
   group per *feature* — the workflow (``inpaint (9-channel)`` on an inpainting model), then
@@ -31,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from harness import axes as axis_table
-from harness.vocabulary import KEEPS, TRUNCATES
+from harness.vocabulary import KEEPS, NETWORK_TYPES, TRUNCATES
 from reports.cells import ImageResolver
 from reports.formatting import number
 from reports.table import latest_records
@@ -241,6 +245,10 @@ class Conformance:
 
     matrices: tuple[ConformanceMatrix, ...] = ()
     parity: tuple[ParityRow, ...] = ()
+    #: Network type x backend x check, over every scenario's LoRA cells (None: none ran).
+    networks: ConformanceMatrix | None = None
+    #: ``(type, what tells it apart)`` of the types the network table shows.
+    network_types: tuple[tuple[str, str], ...] = ()
 
 
 # --- reading records ----------------------------------------------------------------------
@@ -483,6 +491,73 @@ def _check_order(names: Sequence[str]) -> list[str]:
 # --- building -----------------------------------------------------------------------------
 
 
+def _group_rows(layer: dict[tuple[str, str], dict[str, Any]], columns: Sequence[tuple[str, str]],
+                column_labels: dict[str, str], images: _Images) -> tuple[MatrixRow, ...]:
+    """A group's rows: ``runs``, then every check any of its cells recorded, then parity."""
+    cells = list(layer.values())
+    names = [RUN, *dict.fromkeys(n for r in cells if r.get("status") == "ok"
+                                 for n in check_results(r))]
+    referenced = {str(r["parity_ref"]): str(r["cell_id"]) for r in cells
+                  if _clean(r.get("parity_ref")) is not None}
+    if referenced and PARITY not in names:
+        names.append(PARITY)
+    return tuple(
+        MatrixRow(name, tuple(_slot(name, layer.get(column), referenced, column_labels, images)
+                              for column in columns))
+        for name in _check_order(names)
+    )
+
+
+def _layered(records: Sequence[dict[str, Any]], key: Any, varies_offload: bool,
+             groups: dict[Any, list[dict[tuple[str, str], dict[str, Any]]]]) -> None:
+    """File each record under ``key(record)``; a second record of a key and column opens a
+    layer (a numbered group) of its own, so a slot never holds two cells."""
+    for record in records:
+        layers = groups.setdefault(key(record), [])
+        column = _column_of(record, varies_offload)
+        layer = next((layer for layer in layers if column not in layer), None)
+        if layer is None:
+            layer = {}
+            layers.append(layer)
+        layer[column] = record
+
+
+def _network_matrix(records: Sequence[dict[str, Any]],
+                    images: _Images) -> ConformanceMatrix | None:
+    """The network-types table: one group per (network type, ``lora`` value) across every
+    scenario, ``runs`` (loads, or unsupported with the loader's message) and the checks, per
+    backend. Records carry their files' types as ``lora_types`` (``harness.inputs``)."""
+    chosen = [r for r in records if _clean(r.get("lora_types"))]
+    if not chosen:
+        return None
+    order = list(NETWORK_TYPES)
+
+    def rank(record: dict[str, Any]) -> tuple[int, str]:
+        first = str(record["lora_types"]).split("+")[0]
+        return (order.index(first) if first in order else len(order), str(record["lora_types"]))
+
+    chosen.sort(key=rank)
+    columns = _columns(chosen)
+    varies_offload = len({c[1] for c in columns}) > 1
+    scenarios = len({str(r["scenario"]) for r in chosen}) > 1
+    groups: dict[tuple[str, str, str], list[dict[tuple[str, str], dict[str, Any]]]] = {}
+    _layered(chosen, lambda r: (str(r["lora_types"]), str(r.get("lora")),
+                                str(r["scenario"]) if scenarios else ""), varies_offload, groups)
+    column_labels = {str(r["cell_id"]): column_label(_column_of(r, varies_offload))
+                     for r in chosen}
+    built = []
+    for (types, lora, scenario), layers in groups.items():
+        base = f"{types} · {axis_table.lora_label(lora)}" + (f" · {scenario}" if scenario else "")
+        for number_, layer in enumerate(layers, start=1):
+            label = base if number_ == 1 else f"{base} #{number_}"
+            built.append(FeatureGroup(label, _group_rows(layer, columns, column_labels, images)))
+    return ConformanceMatrix(
+        scenario="network types",
+        columns=tuple(column_label(c) for c in columns),
+        groups=tuple(built),
+    )
+
+
 def _build_matrix(scenario: str, records: list[dict[str, Any]],
                   images: _Images) -> tuple[ConformanceMatrix, dict[str, str]]:
     """The scenario's matrix, and each cell's feature label (for the parity table)."""
@@ -496,16 +571,11 @@ def _build_matrix(scenario: str, records: list[dict[str, Any]],
     # in a parameter their workflow ignores) opens a numbered group of its own
     groups: dict[tuple[Any, ...], list[dict[tuple[str, str], dict[str, Any]]]] = {}
     first_seen: dict[tuple[Any, ...], tuple[int, dict[str, Any]]] = {}
+    keys = {id(record): tuple(repr(values[name]) for name in FEATURE_FIELDS)
+            for record, values in zip(records, features, strict=True)}
     for index, (record, values) in enumerate(zip(records, features, strict=True)):
-        key = tuple(repr(values[name]) for name in FEATURE_FIELDS)
-        layers = groups.setdefault(key, [])
-        first_seen.setdefault(key, (index, values))
-        column = _column_of(record, varies_offload)
-        layer = next((layer for layer in layers if column not in layer), None)
-        if layer is None:
-            layer = {}
-            layers.append(layer)
-        layer[column] = record
+        first_seen.setdefault(keys[id(record)], (index, values))
+    _layered(records, lambda r: keys[id(r)], varies_offload, groups)
 
     column_labels = {str(r["cell_id"]): column_label(_column_of(r, varies_offload))
                      for r in records}
@@ -516,20 +586,9 @@ def _build_matrix(scenario: str, records: list[dict[str, Any]],
         base = feature_label(values, varying, distinct)
         for number_, layer in enumerate(layers, start=1):
             label = base if number_ == 1 else f"{base} #{number_}"
-            cells = list(layer.values())
-            for record in cells:
+            for record in layer.values():
                 labels[str(record["cell_id"])] = label
-            names = [RUN, *dict.fromkeys(n for r in cells if r.get("status") == "ok"
-                                         for n in check_results(r))]
-            referenced = {str(r["parity_ref"]): str(r["cell_id"]) for r in cells
-                          if _clean(r.get("parity_ref")) is not None}
-            if referenced and PARITY not in names:
-                names.append(PARITY)
-            rows = tuple(
-                MatrixRow(name, tuple(_slot(name, layer.get(column), referenced, column_labels,
-                                            images) for column in columns))
-                for name in _check_order(names)
-            )
+            rows = _group_rows(layer, columns, column_labels, images)
             built.append((_sort_key(values, index) + (number_,), FeatureGroup(label, rows)))
     built.sort(key=lambda item: item[0])
     matrix = ConformanceMatrix(
@@ -599,6 +658,7 @@ def build_conformance(frame: pd.DataFrame, resolve_image: ImageResolver) -> Conf
                      {(str(r["scenario"]), str(r["cell_id"])): r for r in records})
     matrices: list[ConformanceMatrix] = []
     parity: list[ParityRow] = []
+    checked: list[dict[str, Any]] = []
     for scenario in dict.fromkeys(str(r["scenario"]) for r in records):
         own = [r for r in records if str(r["scenario"]) == scenario]
         if not any(has_conformance(r) for r in own):
@@ -606,4 +666,13 @@ def build_conformance(frame: pd.DataFrame, resolve_image: ImageResolver) -> Conf
         matrix, labels = _build_matrix(scenario, own, images)
         matrices.append(matrix)
         parity += _parity_rows(scenario, own, labels, images)
-    return Conformance(matrices=tuple(matrices), parity=tuple(parity))
+        checked += own
+    shown = {part for r in checked if _clean(r.get("lora_types"))
+             for part in str(r["lora_types"]).split("+")}
+    return Conformance(
+        matrices=tuple(matrices),
+        parity=tuple(parity),
+        networks=_network_matrix(checked, images),
+        network_types=tuple((name, text) for name, text in NETWORK_TYPES.items()
+                            if name in shown),
+    )

@@ -308,3 +308,65 @@ def test_sample_covers_every_outcome() -> None:
     statuses = {check[0] for *_, checks, _ in CONFORMANCE_CELLS for check in checks.values()}
     assert statuses == {"pass", "fail", "error", "differs"}
     assert {status for _, _, status, *_ in CONFORMANCE_CELLS} == {"ok", "unsupported", "error"}
+
+
+# --- the network-types table ----------------------------------------------------------------
+
+
+def _networks_results(directory: Path) -> Path:
+    """Two scenarios' LoRA cells as the harness records them (``lora_types`` whatever the
+    status): a plain pair that both backends load, a LoHa diffusers refuses, and a cell
+    without checks (no conformance data: left out)."""
+    from harness.results import Result, ResultStore
+    from reports.sample import _cell, metrics_for
+
+    store = ResultStore(directory)
+    base = {"model": "tiny", "device": "cpu", "dtype": "fp32", "width": 64, "height": 64,
+            "steps": 4, "source": "safetensors", "repeats": 1, "warmup": 0,
+            "checks": ("semantics", "parity")}
+    passed = {name: {"status": "pass", "detail": f"{name} holds", "value": 0.0}
+              for name in ("lora_strength0", "lora_monotonic", "lora_merged")}
+    cells = [
+        ("nets", "original-loha", {"backend": "original", "lora": "zoo:loha@1"}, "loha", None),
+        ("nets", "diffusers-loha", {"lora": "zoo:loha@1"}, "loha",
+         "diffusers 0.42.1 does not load a loha file (ValueError: <script>alert('x')</script>)"),
+        ("nets", "original-lora", {"backend": "original", "lora": "zoo:style@1"}, "lora", None),
+        ("more", "diffusers-lora", {"lora": "zoo:style@1"}, "lora", None),
+    ]
+    for scenario, cell_id, axes, types, refused in cells:
+        cell = _cell(scenario, cell_id, **{**base, **axes})
+        if refused:
+            store.append(Result(run_id="r", cell=cell, status="unsupported", reason=refused,
+                                metrics={"lora_types": types}))
+            continue
+        metrics = {**metrics_for(8.0, 1, 4, 0.5, None), "lora_types": types,
+                   "check_results": passed, "checks_failed": 0}
+        store.append(Result(run_id="r", cell=cell, status="ok", metrics=metrics))
+    plain = _cell("plain", "diffusers-lora", **{**base, "checks": (), "lora": "zoo:style@1"})
+    store.append(Result(run_id="r", cell=plain, status="ok",
+                        metrics={**metrics_for(8.0, 1, 4, 0.5, None), "lora_types": "lora"}))
+    return directory
+
+
+def test_network_table_groups_lora_cells_by_type(tmp_path: Path) -> None:
+    directory = _networks_results(tmp_path / "networks")
+    frame = load(directory)
+    conformance = build_conformance(frame, image_resolver(directory))
+    table = conformance.networks
+    assert table is not None and table.columns == ("original", "diffusers")
+    # type order (lora before loha), then one group per lora value and scenario
+    assert [g.label for g in table.groups] == [
+        "lora · style@1 · nets", "lora · style@1 · more", "loha · loha@1 · nets"]
+    assert [name for name, _ in conformance.network_types] == ["lora", "loha"]
+    rows = {row.check: row for label, row in table.rows if label.startswith("loha")}
+    assert list(rows) == ["run", "lora_strength0", "lora_monotonic", "lora_merged"]
+    original, diffusers = rows["run"].outcomes
+    assert original.status == "pass" and diffusers.status == "unsupported"
+    assert "does not load a loha file" in (diffusers.reason or "")
+    assert all(row.outcomes[1].status == "not run" for name, row in rows.items() if name != "run")
+    html = render(frame, "html", image_root=directory)
+    section = html.split('<section id="networks">', 1)[1].split("</section>", 1)[0]
+    assert "<script" not in section and "&lt;script&gt;alert(" in section
+    assert "LoHa: the Hadamard product" in section and '<a href="#networks">' in html
+    md = render(frame, "md", image_root=directory)
+    assert "### Network types" in md and "| loha · loha@1 · nets | runs | pass | unsupported (" in md

@@ -100,7 +100,7 @@ def test_inpaint_variant_shares_the_base_files(loras: dict[str, Path]) -> None:
 
 
 def test_unknown_extra_names() -> None:
-    with pytest.raises(UserError, match=r"unknown lora 'nope'; expected one of: style, detail$"):
+    with pytest.raises(UserError, match=r"unknown lora 'nope'; expected one of: style, detail, locon, loha, lokr, dora$"):
         extra_file("lora", "nope", "tiny")
     with pytest.raises(UserError, match="expected one of: sbstyle, sbmulti"):
         extra_file("embedding", "style", "tiny")
@@ -237,15 +237,17 @@ def test_read_lora_errors(loras: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cut.safetensors': cannot be read"):
         read_lora(truncated)
     not_lora = extra_file("embedding", "sbmulti", "tiny")
-    with pytest.raises(UserError, match="sbmulti.safetensors': no lora_down/lora_up pairs"):
+    with pytest.raises(UserError, match="sbmulti.safetensors': no network layers"):
         read_lora(not_lora)
     tensors = synthesize_lora(get_spec("tiny"), "detail")
     lonely = next(key for key in tensors if key.endswith(".lora_up.weight"))
     del tensors[lonely.replace("lora_up", "lora_down")]
     tensors["lora_unet_conv_in.hada_w1_a"] = torch.ones(2, 2)
-    with pytest.raises(UserError, match="unpaired or unknown keys: .*hada_w1_a") as error:
+    with pytest.raises(UserError, match="2 malformed layers: .*conv_in: unpaired \\(hada_w1_a"
+                       ) as error:
         read_lora(_save(tensors, tmp_path / "odd.safetensors"))
-    assert lonely.replace("lora_up", "lora_down") in str(error.value)
+    assert f"{lonely.split('.')[0]}: unpaired (lora_up.weight; missing lora_down" in str(
+        error.value)
     with pytest.raises(UserError, match="expected a kohya .safetensors"):
         read_lora(tmp_path / "style.pt")
 
@@ -377,9 +379,13 @@ def test_inpaint_round_trip() -> None:
 def test_sd15_extras_fit_the_architecture() -> None:
     spec = get_spec("sd15")
     targets = lora_targets(spec)
-    for name in ("style", "detail"):
+    from models.lora import LORAS
+
+    for name in LORAS:  # every network type fits sd15's widths (LoKr's factors among them)
         layers = read_lora(extra_file("lora", name, "sd15"))
         assert set(layers) <= set(targets)
+        for module, layer in layers.items():
+            assert layer.delta(torch.zeros(targets[module].shape)).shape == targets[module].shape
         assert extra_file("lora", name, "sd15-inpaint").read_bytes() == (
             extra_file("lora", name, "sd15").read_bytes()
         )

@@ -1,9 +1,11 @@
 """LoRA on the original backend, with the semantics of A1111's built-in Lora extension.
 
-**Files** (parsed by :func:`models.read_lora`): kohya / A1111 ``.safetensors`` with, per
-patched layer, ``<name>.lora_down.weight`` (``[rank, in]`` or ``[rank, in, kh, kw]``),
-``<name>.lora_up.weight`` (``[out, rank]`` or ``[out, rank, 1, 1]``) and optionally
-``<name>.alpha`` (scalar; default ``rank``). ``<name>`` is ``lora_unet_`` + a UNet module
+**Files** (parsed by :func:`models.read_lora`): kohya / LyCORIS ``.safetensors`` with, per
+patched layer, the tensors of one network type — LoRA / LoCon ``<name>.lora_down.weight``
+(``[rank, in]`` or ``[rank, in, kh, kw]``) and ``<name>.lora_up.weight`` (``[out, rank]`` or
+``[out, rank, 1, 1]``), LoHa ``hada_w1_a/b`` and ``hada_w2_a/b``, LoKr ``lokr_w1`` /
+``lokr_w2`` (or their ``_a`` / ``_b`` factors) — optionally ``<name>.alpha`` (scalar; default
+``rank``) and DoRA magnitudes ``<name>.dora_scale``. ``<name>`` is ``lora_unet_`` + a UNet module
 path with ``.`` written ``_``, in diffusers' naming
 (``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``, what kohya's sd-scripts
 writes) or in the LDM naming (``input_blocks_1_1_proj_in``), or ``lora_te_`` + a CLIP module
@@ -14,15 +16,17 @@ text encoder, every kohya name that designates it. The diffusers name of an LDM 
 found by running :func:`models.convert.unet_prefix_map` (diffusers -> original names, the map
 the zoo writes single files with) backwards, so the two namings cannot drift apart.
 
-**Patching** (:class:`LoraPatcher`): ``W += strength * (alpha / rank) * up @ down`` (a 1x1 up
-and a kxk down compose to ``up.flatten(1) @ down.flatten(1)`` reshaped to ``W``), computed in
-float32 on the weight's device and added once per layer (the deltas of several LoRAs summed
-first), so two LoRAs at (a, b) equal one file holding both. Before the first patch of a layer
-its weight is copied to the CPU; when the requested set of (file, strength) changes, every
-patched layer is restored from that copy exactly, then the new set applied. Zero strengths
-are skipped, so a LoRA at strength 0 leaves the model bit-identical. A key that names no
-layer, a shape that does not fit, or a file that is not a LoRA fails the request with a
-:class:`~harness.errors.UserError` naming the file and a few keys.
+**Patching** (:class:`LoraPatcher`): ``W += delta``, each type's delta as
+:meth:`models.LoraLayer.delta` defines it (``strength * (alpha / rank) * up @ down`` for a
+LoRA; the Hadamard and Kronecker products, and DoRA's decomposition, as A1111 computes them),
+in float32 on the weight's device from the base weight, and added once per layer (the deltas
+of several files summed first), so two LoRAs at (a, b) equal one file holding both. Before
+the first patch of a layer its weight is copied to the CPU; when the requested set of
+(file, strength) changes, every patched layer is restored from that copy exactly, then the
+new set applied. Zero strengths are skipped, so a LoRA at strength 0 leaves the model
+bit-identical. A key that names no layer, a shape that does not fit, a key of a layout not
+applied here (CP/Tucker factors, OFT, IA3…) or a file that is not a LoRA fails the request
+with a :class:`~harness.errors.UserError` naming the file and a few keys.
 """
 
 from __future__ import annotations
@@ -41,29 +45,6 @@ if TYPE_CHECKING:
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
-
-
-def read_lora_file(path: Path) -> dict[str, LoraLayer]:
-    """The layers of a kohya-format file by kohya name, parsed by the zoo's reader (one
-    parser for the whole project), plus the one restriction of this patcher."""
-    from models import read_lora
-
-    layers = read_lora(path)
-    for name, layer in layers.items():
-        if layer.up.ndim == 4 and tuple(layer.up.shape[2:]) != (1, 1):
-            raise UserError(
-                f"LoRA {path}: {name} has a {tuple(layer.up.shape[2:])} up kernel; only 1x1 "
-                "ups (kohya LoRA / LoCon) are supported"
-            )
-    return layers
-
-
-def layer_delta(layer: LoraLayer, weight: torch.Tensor, strength: float) -> torch.Tensor:
-    """``strength * (alpha / rank) * up @ down`` in float32 on ``weight``'s device, shaped
-    like ``weight`` (the zoo's :meth:`LoraLayer.delta`, computed where the weight lives)."""
-    up = layer.up.to(weight.device, torch.float32).flatten(1)
-    down = layer.down.to(weight.device, torch.float32).flatten(1)
-    return (strength * layer.scale) * (up @ down).reshape(weight.shape)
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -137,8 +118,10 @@ class LoraPatcher:
         self._files: dict[Path, dict[str, LoraLayer]] = {}
 
     def _read(self, path: Path) -> dict[str, LoraLayer]:
+        from models import read_lora
+
         if path not in self._files:
-            layers = read_lora_file(path)
+            layers = read_lora(path)
             unknown = sorted(set(layers) - set(self.layers))
             if unknown:
                 more = f", ... ({len(unknown) - 3} more)" if len(unknown) > 3 else ""
@@ -163,13 +146,10 @@ class LoraPatcher:
                 continue
             for name, layer in layers.items():
                 module = self.layers[name]
-                weight = module.weight
-                if layer.up.shape[0] * layer.down[0].numel() != weight.numel():
-                    raise UserError(
-                        f"LoRA {path}: {name}: up {tuple(layer.up.shape)} @ down "
-                        f"{tuple(layer.down.shape)} does not fit weight {tuple(weight.shape)}"
-                    )
-                delta = layer_delta(layer, weight, strength)
+                try:
+                    delta = layer.delta(module.weight, strength)
+                except ValueError as error:
+                    raise UserError(f"LoRA {path}: {name}: {error}") from None
                 deltas[module] = deltas[module] + delta if module in deltas else delta
         for module, delta in deltas.items():
             weight = module.weight
