@@ -61,11 +61,10 @@ from .synth import seeded_normal
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
-DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-DORA = ".dora_scale"
+DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
 
-#: Tensors per module of each layout, by key suffix: (required, optional). A LoKr needs each
-#: of its two factors whole (``lokr_w1``) or as a pair (``lokr_w1_a`` + ``lokr_w1_b``).
+#: Tensors per module of each layout, by key suffix. A LoRA and a LoHa need all of theirs; a
+#: LoKr each of its two factors whole (``lokr_w1``) or as a pair (``lokr_w1_a`` + ``_b``).
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "lora": ("lora_down.weight", "lora_up.weight"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
@@ -274,37 +273,35 @@ def decompose(delta: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor
     return merged * (magnitude.reshape(shape) / norm.reshape(shape)) - weight
 
 
-def network_type(layers: dict[str, LoraLayer]) -> str:
-    """The file's type (:data:`harness.vocabulary.NETWORK_TYPES`): ``dora`` if any layer has
+def _type_of(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The network type of a file's tensors, given as key -> shape: ``dora`` if any layer has
     magnitudes, else its layout, a LoRA with a k x k convolution being a ``locon``."""
-    if any(layer.dora_scale is not None for layer in layers.values()):
-        return "dora"
-    layouts = {layer.layout for layer in layers.values()}
-    for layout in ("loha", "lokr"):
-        if layout in layouts:
-            return layout
-    conv = any(layer.layout == "lora" and layer.down.ndim == 4
-               and layer.down.shape[2:].numel() > 1 for layer in layers.values())
-    return "locon" if conv else "lora"
-
-
-def file_network_type(path: str | Path) -> str:
-    """:func:`network_type` of a ``.safetensors`` file from its header (no tensor read)."""
-    from safetensors import safe_open
-
-    keys: dict[str, list[int]] = {}
-    with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
-            keys[key] = list(handle.get_slice(key).get_shape())
-    suffixes = {key.split(".", 1)[-1] for key in keys}
+    suffixes = {key.split(".", 1)[-1] for key in shapes}
     if "dora_scale" in suffixes:
         return "dora"
     for layout in ("loha", "lokr"):
         if suffixes & set(LAYOUTS[layout]):
             return layout
     conv = any(key.endswith(DOWN) and len(shape) == 4 and shape[2] * shape[3] > 1
-               for key, shape in keys.items())
+               for key, shape in shapes.items())
     return "locon" if conv else "lora"
+
+
+def network_type(layers: dict[str, LoraLayer]) -> str:
+    """The type (:data:`harness.vocabulary.NETWORK_TYPES`) of a file read by :func:`read_lora`."""
+    shapes = {f"{module}.{suffix}": tuple(tensor.shape)
+              for module, layer in layers.items() for suffix, tensor in layer.tensors.items()}
+    shapes.update({f"{module}{DORA}": tuple(layer.dora_scale.shape)
+                   for module, layer in layers.items() if layer.dora_scale is not None})
+    return _type_of(shapes)
+
+
+def file_network_type(path: str | Path) -> str:
+    """:func:`network_type` of a ``.safetensors`` file from its header (no tensor read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return _type_of({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
 
 
 @dataclass(frozen=True)
@@ -436,9 +433,7 @@ def _metadata(recipe: LoraRecipe, name: str, spec: ModelSpec) -> dict[str, str]:
         "ss_base_model_version": "sd_v1",
         "sdbench_extra": json.dumps({"kind": "lora", "name": name, "spec": spec.name}),
     }
-    if recipe.layout == "lora" and not recipe.dora and not any(
-        p == _RESNET_CONV for p in recipe.unet
-    ):
+    if recipe.layout == "lora" and not recipe.dora and _RESNET_CONV not in recipe.unet:
         return {**metadata, "ss_network_module": "networks.lora"}
     algo = "locon" if recipe.layout == "lora" else recipe.layout
     args = {"algo": algo, "conv_dim": str(recipe.rank), "conv_alpha": str(recipe.alpha)}

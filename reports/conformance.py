@@ -522,14 +522,17 @@ def _layered(records: Sequence[dict[str, Any]], key: Any, varies_offload: bool,
         layer[column] = record
 
 
-def _network_matrix(records: Sequence[dict[str, Any]],
-                    images: _Images) -> ConformanceMatrix | None:
+def _network_matrix(
+    records: Sequence[dict[str, Any]], images: _Images
+) -> tuple[ConformanceMatrix | None, tuple[tuple[str, str], ...]]:
     """The network-types table: one group per (network type, ``lora`` value) across every
     scenario, ``runs`` (loads, or unsupported with the loader's message) and the checks, per
-    backend. Records carry their files' types as ``lora_types`` (``harness.inputs``)."""
+    backend; and ``(type, description)`` of the types it shows. Records carry their files'
+    types as ``lora_types`` (``harness.inputs``)."""
     chosen = [r for r in records if _clean(r.get("lora_types"))]
     if not chosen:
-        return None
+        return None, ()
+    shown = {part for r in chosen for part in str(r["lora_types"]).split("+")}
     order = list(NETWORK_TYPES)
 
     def rank(record: dict[str, Any]) -> tuple[int, str]:
@@ -551,11 +554,12 @@ def _network_matrix(records: Sequence[dict[str, Any]],
         for number_, layer in enumerate(layers, start=1):
             label = base if number_ == 1 else f"{base} #{number_}"
             built.append(FeatureGroup(label, _group_rows(layer, columns, column_labels, images)))
-    return ConformanceMatrix(
+    matrix = ConformanceMatrix(
         scenario="network types",
         columns=tuple(column_label(c) for c in columns),
         groups=tuple(built),
     )
+    return matrix, tuple((name, text) for name, text in NETWORK_TYPES.items() if name in shown)
 
 
 def _build_matrix(scenario: str, records: list[dict[str, Any]],
@@ -667,12 +671,6 @@ def build_conformance(frame: pd.DataFrame, resolve_image: ImageResolver) -> Conf
         matrices.append(matrix)
         parity += _parity_rows(scenario, own, labels, images)
         checked += own
-    shown = {part for r in checked if _clean(r.get("lora_types"))
-             for part in str(r["lora_types"]).split("+")}
-    return Conformance(
-        matrices=tuple(matrices),
-        parity=tuple(parity),
-        networks=_network_matrix(checked, images),
-        network_types=tuple((name, text) for name, text in NETWORK_TYPES.items()
-                            if name in shown),
-    )
+    networks, network_types = _network_matrix(checked, images)
+    return Conformance(matrices=tuple(matrices), parity=tuple(parity), networks=networks,
+                       network_types=network_types)
