@@ -13,8 +13,9 @@ module stays as cheap to import as its own code.
   ``versions``), preloads its libraries (``imports``).
 - :class:`Session` — a loaded model: ``prepare`` (untimed set-up), ``generate`` (one timed
   generation), ``encode_image`` (conformance checks), ``close``.
-- :class:`Request`, :class:`Output`, :class:`LoraRef`, :class:`EmbeddingRef` — one
-  generation's inputs and outputs; :data:`TORCH_DTYPES` maps a cell's dtype to torch's.
+- :class:`Request`, :class:`Output`, :class:`LoraRef`, :class:`EmbeddingRef`,
+  :class:`ControlRef` (a ControlNet with its image and scale) — one generation's inputs and
+  outputs; :data:`TORCH_DTYPES` maps a cell's dtype to torch's.
 - :class:`GenerationTimer` — what ``generate`` reports its phases and steps to.
 - :class:`Cell` — the workload (``cell.steps``, ``cell.offload``, …; every axis).
 - :func:`resolve` / :class:`ResolvedModel` — a cell's model reference as files on disk.
@@ -27,6 +28,7 @@ from __future__ import annotations
 from backends.base import (
     TORCH_DTYPES,
     Backend,
+    ControlRef,
     EmbeddingRef,
     LoraRef,
     Output,
@@ -42,6 +44,7 @@ __all__ = [
     "TORCH_DTYPES",
     "Backend",
     "Cell",
+    "ControlRef",
     "EmbeddingRef",
     "GenerationTimer",
     "LoraRef",

@@ -64,6 +64,15 @@ class Request:
     hires_noise: torch.Tensor | None = None
     loras: tuple[LoraRef, ...] = ()
     embeddings: tuple[EmbeddingRef, ...] = ()
+    #: ControlNets applied to every denoising step (several: their residuals add up).
+    controls: tuple[ControlRef, ...] = ()
+    #: How the controls meet classifier-free guidance (A1111's names):
+    #: :data:`harness.vocabulary.CONTROL_MODES`.
+    control_mode: str = "balanced"
+    #: The part of the steps the controls apply to, as fractions: step ``i`` of ``N`` has
+    #: them iff neither ``i / N < control_start`` nor ``(i + 1) / N > control_end``.
+    control_start: float = 0.0
+    control_end: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,6 +82,32 @@ class LoraRef:
 
     path: Path
     strength: float
+
+
+@dataclass(frozen=True)
+class ControlRef:
+    """A ControlNet, its control image and its conditioning scale.
+
+    ``path`` is the original single file (``control_model.*``); ``folder``, where there is
+    one, the same net as a diffusers ``ControlNetModel`` folder (a backend that reads that
+    layout may prefer it); ``config`` a folder with the net's ``config.json`` for reading the
+    single file in a backend that needs one. At least one of ``path`` and ``folder`` is set.
+    """
+
+    path: Path | None
+    scale: float
+    #: The control image, float32 ``[height, width, 3]`` in ``[0, 1]`` at the output size.
+    image: np.ndarray = field(repr=False, compare=False, hash=False)
+    folder: Path | None = None
+    config: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        """The file or folder the net comes from (for messages and caches)."""
+        found = self.path or self.folder
+        if found is None:
+            raise ValueError("a ControlRef needs a path or a folder")
+        return found
 
 
 @dataclass(frozen=True)
@@ -151,6 +186,10 @@ class Backend(ABC):
     #: Whether prompts longer than 75 tokens keep their tail (A1111-style chunking) or are
     #: truncated to the text encoder's 77 positions; a conformance check verifies the claim.
     long_prompts: ClassVar[bool] = False
+    #: Whether the backend applies :attr:`Request.controls` (ControlNet). The harness reports
+    #: a ControlNet cell ``unsupported`` on a backend that does not say so, rather than let
+    #: it ignore the controls and measure another workload.
+    controlnet: ClassVar[bool] = False
 
     @classmethod
     def versions(cls) -> dict[str, str]:

@@ -102,6 +102,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -110,6 +111,7 @@ import torch
 from backends.base import (
     TORCH_DTYPES,
     Backend,
+    ControlRef,
     Output,
     Request,
     Session,
@@ -261,6 +263,12 @@ class DiffusersSession(Session):
         self._prepared: Request | None = None
         #: img2img / inpaint pipelines (``from_pipe``), built on first use.
         self._workflow_pipes: dict[str, DiffusionPipeline] = {}
+        #: ControlNets by the file or folder they came from, loaded once per session.
+        self._controlnets: dict[Path, Any] = {}
+        #: ControlNet pipelines by (workflow, the nets' sources), built on first use.
+        self._control_pipes: dict[tuple[str, tuple[Path, ...]], DiffusionPipeline] = {}
+        #: The running generation's timer (the ControlNets' hooks time their forwards).
+        self._timer: GenerationTimer | None = None
         self.loras = LoraAdapters(pipe)
         self.embeddings = TextualInversions(pipe)
 
@@ -271,8 +279,103 @@ class DiffusersSession(Session):
             self.pipe.scheduler = make_scheduler(sampler, self.base_scheduler_config, seed)
             self._sampler = (sampler, seed)
 
-    def _pipeline(self, kind: str) -> DiffusionPipeline:
-        """The pipeline of ``kind`` (txt2img | img2img | inpaint) with the session's scheduler."""
+    def _controlnet(self, ref: ControlRef) -> Any:
+        """The ``ControlNetModel`` of ``ref`` (its folder, else its single file read with its
+        config folder, offline), in the session's dtype, with hooks that time its forward."""
+        from diffusers import ControlNetModel
+
+        source = ref.folder or ref.source
+        net = self._controlnets.get(source)
+        if net is not None:
+            return net
+        common: dict[str, Any] = {"torch_dtype": self.dtype, "local_files_only": True}
+        if ref.folder is not None:
+            net = ControlNetModel.from_pretrained(str(ref.folder), **common)
+        else:
+            if ref.config is None:
+                raise UserError(
+                    f"controlnet '{ref.source}': a single file of an architecture the zoo does "
+                    "not know, and no config folder; diffusers reads a ControlNet single file "
+                    "only with its config (offline)"
+                )
+            net = ControlNetModel.from_single_file(
+                str(ref.source), config=str(ref.config), **common
+            )
+        net.eval()
+        if self.offload == "none":
+            net.to(self.device)
+        net.register_forward_pre_hook(lambda *_: self._time_controlnet(begin=True))
+        net.register_forward_hook(lambda *_: self._time_controlnet(begin=False))
+        self._controlnets[source] = net
+        return net
+
+    def _time_controlnet(self, *, begin: bool) -> None:
+        if self._timer is not None:
+            (self._timer.begin_part if begin else self._timer.end_part)("controlnet")
+
+    def _control_pipeline(self, kind: str, controls: tuple[ControlRef, ...]) -> DiffusionPipeline:
+        """The ControlNet pipeline of ``kind`` for ``controls`` (one net, or a
+        ``MultiControlNetModel`` of several), sharing the session's components."""
+        from diffusers import (
+            MultiControlNetModel,
+            StableDiffusionControlNetImg2ImgPipeline,
+            StableDiffusionControlNetInpaintPipeline,
+            StableDiffusionControlNetPipeline,
+        )
+
+        nets = tuple(self._controlnet(ref) for ref in controls)
+        key = (kind, tuple(ref.folder or ref.source for ref in controls))
+        pipe = self._control_pipes.get(key)
+        if pipe is None:
+            pipeline_class = {
+                "txt2img": StableDiffusionControlNetPipeline,
+                "img2img": StableDiffusionControlNetImg2ImgPipeline,
+                "inpaint": StableDiffusionControlNetInpaintPipeline,
+            }[kind]
+            controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(list(nets))
+            pipe = pipeline_class.from_pipe(self.pipe, controlnet=controlnet, dtype=self.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            if self.offload == "medvram":
+                pipe.enable_model_cpu_offload(device=self.device)
+            elif self.offload == "lowvram":
+                pipe.enable_sequential_cpu_offload(device=self.device)
+            self._control_pipes[key] = pipe
+        pipe.scheduler = self.pipe.scheduler
+        return pipe
+
+    def _control_kwargs(self, request: Request, kind: str) -> dict[str, Any]:
+        """The ControlNet arguments of a pipeline call (none without controls)."""
+        if not request.controls:
+            return {}
+        if request.control_mode == "prompt":
+            raise UnsupportedError(
+                "control mode prompt (My prompt is more important): diffusers has no soft "
+                "injection on both passes; its guess_mode is the controlnet mode"
+            )
+        device = self.pipe._execution_device
+        images = [
+            torch.from_numpy(np.ascontiguousarray(ref.image, dtype=np.float32))
+            .permute(2, 0, 1)[None]
+            .to(device)
+            for ref in request.controls
+        ]
+        scales = [ref.scale for ref in request.controls]
+        single = len(images) == 1
+        return {
+            "image" if kind == "txt2img" else "control_image": images[0] if single else images,
+            "controlnet_conditioning_scale": scales[0] if single else scales,
+            "guess_mode": request.control_mode == "controlnet",
+            "control_guidance_start": request.control_start,
+            "control_guidance_end": request.control_end,
+        }
+
+    def _pipeline(
+        self, kind: str, controls: tuple[ControlRef, ...] = ()
+    ) -> DiffusionPipeline:
+        """The pipeline of ``kind`` (txt2img | img2img | inpaint) with the session's scheduler;
+        with ``controls``, its ControlNet pipeline."""
+        if controls:
+            return self._control_pipeline(kind, controls)
         if kind == "txt2img":
             return self.pipe
         pipe = self._workflow_pipes.get(kind)
@@ -296,17 +399,24 @@ class DiffusersSession(Session):
         return pipe
 
     @contextmanager
-    def _start_noise(self, pipe: DiffusionPipeline, noise: torch.Tensor) -> Iterator[None]:
+    def _start_noise(
+        self, pipe: DiffusionPipeline, noise: torch.Tensor, init: torch.Tensor | None = None
+    ) -> Iterator[None]:
         """Make ``pipe.prepare_latents`` start from the harness's ``noise``.
 
         diffusers' img2img and inpaint ``prepare_latents`` draw their noise from the
         generator (and the inpaint one ignores a ``latents=`` argument below strength 1); this
         replaces the method on the instance for the duration of one call with one that does the
         same arithmetic — ``add_noise(init, noise, t_start)``, or ``noise * init_noise_sigma``
-        for inpaint at strength 1 — on ``noise``. ``image`` is always latents here (the session
-        encodes the init image itself).
+        for inpaint at strength 1 — on ``noise``. ``image`` is latents here (the session
+        encodes the init image itself), except in the ControlNet inpaint pipeline, which takes
+        pixels only: there the session's ``init`` latents stand for them, and the pipeline's
+        own VAE encode (of the masked image) takes the posterior's mode as the session does.
         """
-        from diffusers import StableDiffusionInpaintPipeline
+        from diffusers import (
+            StableDiffusionControlNetInpaintPipeline,
+            StableDiffusionInpaintPipeline,
+        )
 
         def img2img_latents(
             image: torch.Tensor,
@@ -337,7 +447,10 @@ class DiffusersSession(Session):
             return_noise: bool = False,
             return_image_latents: bool = False,
         ) -> tuple[torch.Tensor, ...]:
-            assert image is not None and image.shape[1] == num_channels_latents
+            assert image is not None
+            if image.shape[1] != num_channels_latents:  # pixels: the session's init latents
+                assert init is not None
+                image = init
             start = noise.to(device=device, dtype=dtype)
             image_latents = _batched(image.to(device=device, dtype=dtype), batch_size)
             if is_strength_max:
@@ -351,12 +464,17 @@ class DiffusersSession(Session):
                 outputs += (image_latents,)
             return outputs
 
-        inpaint = isinstance(pipe, StableDiffusionInpaintPipeline)
+        controlnet_inpaint = isinstance(pipe, StableDiffusionControlNetInpaintPipeline)
+        inpaint = controlnet_inpaint or isinstance(pipe, StableDiffusionInpaintPipeline)
         pipe.prepare_latents = inpaint_latents if inpaint else img2img_latents
+        if controlnet_inpaint:
+            pipe._encode_vae_image = lambda image, generator=None: self._vae_encode(image)
         try:
             yield
         finally:
             del pipe.prepare_latents  # the class's method again
+            if controlnet_inpaint:
+                del pipe._encode_vae_image
 
     # -- generation ------------------------------------------------------------------------
 
@@ -370,8 +488,8 @@ class DiffusersSession(Session):
         self._use_sampler(request.sampler, request.seed)
         self.loras.apply(request.loras)
         self.embeddings.apply(request)
-        if request.workflow in ("img2img", "inpaint"):
-            self._pipeline(request.workflow)
+        if request.workflow in ("img2img", "inpaint") or request.controls:
+            self._pipeline(request.workflow, request.controls)
         elif request.workflow == "hires":
             self._pipeline("img2img")
         self._prepared = request
@@ -405,6 +523,10 @@ class DiffusersSession(Session):
                 raise ValueError(f"inpaint mask is {size} px but the image is {width}x{height} px")
         if workflow == "hires" and request.hires_noise is None:
             raise ValueError("workflow hires: request.hires_noise is None")
+        if request.controls and self.unet_in_channels == INPAINT_IN_CHANNELS:
+            raise UnsupportedError(
+                "ControlNet with a 9-channel inpainting UNet: not wired on diffusers"
+            )
 
     @torch.no_grad()
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
@@ -433,19 +555,25 @@ class DiffusersSession(Session):
             "guidance_scale": request.guidance,
             "generator": generator,
         }
+        common.update(self._control_kwargs(request, request.workflow))
         total_steps = request.steps if sigmas is None else len(sigmas)
-        timer.begin("denoise")
-        if request.workflow == "txt2img":
-            output = self._txt2img(request, timer, common)
-        elif request.workflow == "img2img":
-            output = self._img2img(
-                encoded["init"], request.noise, request.strength, total_steps, timer, common
-            )
-        elif request.workflow == "inpaint":
-            output = self._inpaint(request, encoded, total_steps, timer, common)
-        else:
-            output = self._hires(request, total_steps, timer, common)
-        timer.end("decode")
+        self._timer = timer
+        try:
+            timer.begin("denoise")
+            if request.workflow == "txt2img":
+                output = self._txt2img(request, timer, common)
+            elif request.workflow == "img2img":
+                output = self._img2img(
+                    encoded["init"], request.noise, request.strength, total_steps, timer, common,
+                    request.controls,
+                )
+            elif request.workflow == "inpaint":
+                output = self._inpaint(request, encoded, total_steps, timer, common)
+            else:
+                output = self._hires(request, total_steps, timer, common)
+            timer.end("decode")
+        finally:
+            self._timer = None
         return output
 
     def _encode_inputs(
@@ -527,7 +655,7 @@ class DiffusersSession(Session):
 
     def _txt2img(self, request: Request, timer: GenerationTimer, common: dict[str, Any]) -> Output:
         result, latents = self._run(
-            self.pipe,
+            self._pipeline("txt2img", request.controls),
             timer,
             last_pass=True,
             height=request.height,
@@ -546,11 +674,12 @@ class DiffusersSession(Session):
         total_steps: int,
         timer: GenerationTimer,
         common: dict[str, Any],
+        controls: tuple[ControlRef, ...] = (),
     ) -> Output:
         """An img2img pass from ``init`` latents (also the hires second pass)."""
         if denoising_steps(total_steps, strength) == 0:
             return self._no_denoising(init, timer)
-        pipe = self._pipeline("img2img")
+        pipe = self._pipeline("img2img", controls)
         with self._start_noise(pipe, noise):
             result, latents = self._run(
                 pipe,
@@ -573,15 +702,19 @@ class DiffusersSession(Session):
     ) -> Output:
         if denoising_steps(total_steps, request.strength) == 0:
             return self._no_denoising(encoded["init"], timer)
-        pipe = self._pipeline("inpaint")
-        with self._start_noise(pipe, request.noise):
+        pipe = self._pipeline("inpaint", request.controls)
+        if request.controls:  # the ControlNet pipeline takes pixels (and no masked latents)
+            assert request.init_image is not None
+            inputs: dict[str, Any] = {"image": request.init_image[None]}
+        else:
+            inputs = {"image": encoded["init"], "masked_image_latents": encoded["masked"]}
+        with self._start_noise(pipe, request.noise, encoded["init"]):
             result, latents = self._run(
                 pipe,
                 timer,
                 last_pass=True,
-                image=encoded["init"],
                 mask_image=encoded["mask"],
-                masked_image_latents=encoded["masked"],
+                **inputs,
                 height=request.height,
                 width=request.width,
                 strength=request.strength,
@@ -638,6 +771,8 @@ class DiffusersSession(Session):
         if hasattr(self.pipe, "remove_all_hooks"):
             self.pipe.remove_all_hooks()
         self._workflow_pipes.clear()
+        self._control_pipes.clear()
+        self._controlnets.clear()
         del self.pipe
 
 
@@ -646,7 +781,7 @@ def _inpainting_model_problem(cell: Cell) -> str | None:
 
     Other models are checked when loaded (:meth:`DiffusersSession._check_request`).
     """
-    if cell.workflow in ("inpaint", "outpaint"):
+    if cell.base_workflow in ("inpaint", "outpaint"):
         return None
     from models.specs import SPECS
 
@@ -663,9 +798,11 @@ class DiffusersBackend(Backend):
     name = "diffusers"
     #: CLIP's 77 positions; tokens past them are dropped (diffusers warns).
     long_prompts = False
+    #: ControlNet pipelines for txt2img and img2img (one net or a MultiControlNetModel).
+    controlnet = True
 
     def unsupported(self, cell: Cell, device: torch.device) -> str | None:
-        if cell.workflow not in CELL_WORKFLOWS:
+        if cell.base_workflow not in CELL_WORKFLOWS:
             return f"workflow {cell.workflow}: not implemented by the diffusers backend"
         problem = _inpainting_model_problem(cell)
         if problem is not None:

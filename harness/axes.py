@@ -21,9 +21,11 @@ from pathlib import PurePath
 from typing import Any, Literal
 
 from harness.vocabulary import (
+    CONTROLNET_WORKFLOWS,
     SAMPLERS,
     Attention,
     Compile,
+    ControlMode,
     Device,
     DType,
     Offload,
@@ -75,6 +77,15 @@ def lora_label(value: str) -> str:
     for part in value.split("+"):
         ref, _, strength = part.strip().rpartition("@")
         parts.append(f"{extra_name(ref)}@{strength}" if ref else extra_name(part))
+    return "+".join(parts)
+
+
+def controlnet_label(value: str) -> str:
+    """``zoo:canny@0.5+zoo:depth`` -> ``canny@0.5+depth``."""
+    parts = []
+    for part in value.split("+"):
+        ref, at, scale = part.strip().rpartition("@")
+        parts.append(f"{extra_name(ref)}@{scale}" if at else extra_name(part))
     return "+".join(parts)
 
 
@@ -138,6 +149,21 @@ def check_embedding(value: Any) -> Any:
     return value
 
 
+def check_controlnet(value: Any) -> Any:
+    """``auto`` (the zoo's ControlNet of the model's family) or ``REF[@SCALE][+REF[@SCALE]...]``,
+    REF = ``zoo:NAME``, a single file or a diffusers folder; SCALE defaults to
+    ``control_scale``."""
+    expected = "'auto' or 'NET[@SCALE][+NET[@SCALE]...]' (e.g. zoo:canny@0.8+zoo:depth@0.5)"
+    if not isinstance(value, str):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    if value == "auto":
+        return value
+    for part in value.split("+"):
+        if not re.fullmatch(_EXTRA_REF + r"(?:@\d+(?:\.\d+)?)?", part.strip()):
+            raise ValueError(f"expected {expected}, got {value!r}")
+    return value
+
+
 _NOT_SET: Any = object()
 
 
@@ -192,7 +218,10 @@ class Axis:
         return self.has_quiet and value == self.quiet
 
 
-_IMG2IMG_LIKE = frozenset({"img2img", "inpaint", "outpaint"})
+_IMG2IMG_LIKE = frozenset({"img2img", "inpaint", "outpaint", "controlnet_img2img",
+                           "controlnet_inpaint"})
+_INPAINT_LIKE = frozenset({"inpaint", "controlnet_inpaint"})
+_CONTROLNET = frozenset(CONTROLNET_WORKFLOWS)
 
 #: Every axis, in matrix / id / label order.
 AXES: tuple[Axis, ...] = (
@@ -228,7 +257,7 @@ AXES: tuple[Axis, ...] = (
     Axis("init_image", str, "generated", {"min_length": 1}, feature=True,
          workflows=_IMG2IMG_LIKE, id=lambda v: f"init-{PurePath(v).stem}",
          label=_prefixed("init image ")),
-    Axis("mask", str, "center", {"min_length": 1}, feature=True, workflows=frozenset({"inpaint"}),
+    Axis("mask", str, "center", {"min_length": 1}, feature=True, workflows=_INPAINT_LIKE,
          id=lambda v: f"mask-{PurePath(v).stem}", label=_prefixed("mask ")),
     Axis("outpaint_px", int, 32, {"ge": 8, "le": 1024, "multiple_of": 8}, feature=True,
          workflows=frozenset({"outpaint"}), id=_prefixed("pad"),
@@ -244,6 +273,21 @@ AXES: tuple[Axis, ...] = (
     Axis("embedding", str, "none", check=check_embedding, feature=True, quiet="none",
          id=lambda v: "embedding-" + str(v).replace("zoo:", ""),
          label=lambda v: "no embedding" if v == "none" else f"embedding {embedding_label(str(v))}"),
+    # ControlNet (the controlnet workflows)
+    Axis("controlnet", str, "auto", check=check_controlnet, feature=True, quiet="auto",
+         workflows=_CONTROLNET, id=lambda v: "cn-" + _id_plain(str(v).replace("zoo:", "")),
+         label=lambda v: f"ControlNet {controlnet_label(str(v))}"),
+    Axis("control_image", str, "generated", {"min_length": 1}, feature=True,
+         workflows=_CONTROLNET, id=lambda v: f"hint-{PurePath(v).stem}",
+         label=_prefixed("control image ")),
+    Axis("control_scale", float, 1.0, {"ge": 0, "le": 10}, feature=True, workflows=_CONTROLNET,
+         id=_prefixed("cs", _g), label=_prefixed("control scale ", _g)),
+    Axis("control_mode", ControlMode, "balanced", feature=True, workflows=_CONTROLNET,
+         quiet="balanced", id=_prefixed("mode-"), label=_prefixed("control mode ")),
+    Axis("control_start", float, 0.0, {"ge": 0, "le": 1}, feature=True, workflows=_CONTROLNET,
+         quiet=0.0, id=_prefixed("from", _g), label=_prefixed("control from ", _g)),
+    Axis("control_end", float, 1.0, {"ge": 0, "le": 1}, feature=True, workflows=_CONTROLNET,
+         quiet=1.0, id=_prefixed("to", _g), label=_prefixed("control to ", _g)),
 )
 
 

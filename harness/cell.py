@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from harness import axes as axis_table
+from harness.vocabulary import CONTROLNET_WORKFLOWS
 
 #: Default wall-clock budget of one model load (seconds): generous, it only stops a hang.
 DEFAULT_LOAD_TIMEOUT_S = 1800.0
@@ -130,12 +131,22 @@ class Cell:
         return cls(**values)
 
     @property
+    def base_workflow(self) -> str:
+        """The workflow a backend runs: a ControlNet workflow's base (``controlnet_img2img`` →
+        ``img2img``), otherwise the cell's own."""
+        return CONTROLNET_WORKFLOWS.get(self.workflow, self.workflow)
+
+    @property
+    def uses_controlnet(self) -> bool:
+        return self.workflow in CONTROLNET_WORKFLOWS
+
+    @property
     def denoise_steps(self) -> int:
         """Denoising steps one generation runs: img2img-like workflows run
         ``int(steps * strength)`` (the rule both backends follow), the hires fix a full first
         pass plus such a second pass. The ``steps`` of ``batch × steps / wall``."""
         partial = min(int(self.steps * self.strength), self.steps)
-        if self.workflow in ("img2img", "inpaint", "outpaint"):
+        if self.base_workflow in ("img2img", "inpaint", "outpaint"):
             return partial
         if self.workflow == "hires":
             return self.steps + partial

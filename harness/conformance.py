@@ -19,7 +19,10 @@ in ``checks`` (``determinism``, ``semantics``, ``parity``). Each gives a :class:
     with the files' deltas merged into its weights by hand (:func:`models.merge_loras`, every
     network type's delta as :meth:`models.LoraLayer.delta` defines it);
   - ``embedding_effect``: the trigger word changes the output; ``embedding_by_hand``: the same
-    vectors handed over as tensors give the same image as the file.
+    vectors handed over as tensors give the same image as the file;
+  - ``controlnet_scale0``: every ControlNet at conditioning scale 0 gives the output of the
+    same workflow without ControlNet; ``controlnet_image_effect``: another control image (the
+    edge map of another picture) changes the output.
 
   Latent-space checks stand in for pixel checks because the zoo's VAE has random weights, so
   decoding does not reproduce an input image; the latents are what the workflows promise.
@@ -306,6 +309,29 @@ def check_embedding_by_hand(ctx: CheckContext) -> Check:
     return Check("fail", f"vectors put in by hand differ from the file's by {error:.3g}", error)
 
 
+def check_controlnet_scale0(ctx: CheckContext) -> Check:
+    zero = tuple(dataclasses.replace(ref, scale=0.0) for ref in ctx.request.controls)
+    at_zero = ctx.generate(dataclasses.replace(ctx.request, controls=zero))
+    plain = ctx.generate(dataclasses.replace(ctx.request, controls=()))
+    equal, error = ctx.same(at_zero, plain)
+    if equal:
+        return Check("pass", f"scale 0 equals no ControlNet (rel. error {error:.3g})", error)
+    return Check("fail", f"scale 0 differs from no ControlNet by {error:.3g}", error)
+
+
+def check_controlnet_image_effect(ctx: CheckContext) -> Check:
+    from harness.inputs import edge_map, generated_image
+
+    request = ctx.request
+    other = edge_map(generated_image(request.width, request.height, ctx.cell.seed + 1))
+    changed = tuple(dataclasses.replace(ref, image=other) for ref in request.controls)
+    output = ctx.generate(dataclasses.replace(request, controls=changed))
+    equal, error = ctx.same(output, ctx.output)
+    if equal:
+        return Check("fail", "another control image changes nothing", error)
+    return Check("pass", f"another control image changes the output (rel. {error:.3g})", error)
+
+
 def semantic_checks(
     cell: Cell, request: Request, load_merged: Callable[[Path], Session]
 ) -> dict[str, CheckFn]:
@@ -313,9 +339,9 @@ def semantic_checks(
     checks: dict[str, CheckFn] = {}
     if cell.workflow == "txt2img" and not request.loras and not request.embeddings:
         checks["long_prompt"] = check_long_prompt
-    if cell.workflow == "img2img":
+    if cell.base_workflow == "img2img":
         checks["img2img_strength0"] = check_img2img_strength0
-    if cell.workflow in ("inpaint", "outpaint"):
+    if cell.base_workflow in ("inpaint", "outpaint"):
         checks["inpaint_keeps_unmasked"] = check_inpaint_keeps_unmasked
     if request.loras:
         checks["lora_strength0"] = check_lora_strength0
@@ -324,6 +350,9 @@ def semantic_checks(
     if request.embeddings:
         checks["embedding_effect"] = check_embedding_effect
         checks["embedding_by_hand"] = check_embedding_by_hand
+    if request.controls:
+        checks["controlnet_scale0"] = check_controlnet_scale0
+        checks["controlnet_image_effect"] = check_controlnet_image_effect
     return checks
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from backends import get_backend
-from backends.base import Output, Request, Session
+from backends.base import ControlRef, Output, Request, Session
 from harness import environment, inputs
 from harness.conformance import CheckContext, run_checks, to_uint8
 from harness.errors import UnsupportedError, UserError
@@ -76,7 +76,7 @@ def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def request_for(cell: Cell, session: Session) -> Request:
     """The backend-neutral request of a cell: prompts, noise and workflow inputs."""
     width, height = cell.width, cell.height
-    workflow = cell.workflow
+    workflow = cell.base_workflow  # a ControlNet workflow is its base plus the controls
     init_image = mask = hires_noise = None
     if workflow in ("img2img", "inpaint", "outpaint"):
         if cell.init_image == "generated":
@@ -93,6 +93,12 @@ def request_for(cell: Cell, session: Session) -> Request:
         final_width, final_height = cell.output_size
         hires_shape = session.latent_shape(cell.batch, final_width, final_height)
         hires_noise = make_noise(hires_shape, cell.seed + 1)
+    controls: tuple[ControlRef, ...] = ()
+    if cell.uses_controlnet:
+        controls = inputs.parse_controls(
+            cell.controlnet, cell.model, cell.source, scale=cell.control_scale,
+            image=cell.control_image, width=width, height=height, seed=cell.seed,
+        )
     embeddings = inputs.parse_embeddings(cell.embedding, cell.model)
     prompt = cell.prompt
     for embedding in embeddings:  # the trigger word must be in the prompt to take effect
@@ -118,6 +124,10 @@ def request_for(cell: Cell, session: Session) -> Request:
         hires_noise=hires_noise,
         loras=inputs.parse_loras(cell.lora, cell.model),
         embeddings=embeddings,
+        controls=controls,
+        control_mode=cell.control_mode if controls else "balanced",
+        control_start=cell.control_start if controls else 0.0,
+        control_end=cell.control_end if controls else 1.0,
     )
 
 
@@ -227,6 +237,8 @@ class CellExecutor:
             reason = backend.unsupported(cell, device)
         except Exception as error:  # noqa: BLE001 - a broken backend is that cell's error
             return Executed(self.failure(cell, error))
+        if reason is None and cell.uses_controlnet and not backend.controlnet:
+            reason = f"backend {cell.backend!r} does not run ControlNet (Backend.controlnet)"
         if reason is not None:
             return Executed(self.result(cell, "unsupported", reason=reason))
 

@@ -18,6 +18,7 @@ from harness import axes as axis_table
 from harness.cell import LOAD_AXES, Cell, field_names, own_axes
 from harness.errors import UserError
 from harness.scenario import AXES, Scenario
+from harness.vocabulary import CONTROLNET_WORKFLOWS
 
 __all__ = ["LOAD_AXES", "Cell", "expand", "group_by_load"]
 
@@ -45,6 +46,7 @@ def expand(scenario: Scenario) -> list[Cell]:
             unique.append(combo)
 
     _check_backends(scenario, unique)
+    _check_control_windows(scenario, unique)
     table = axis_table.AXES
     varying = [axis for axis in table if len({repr(c[axis.name]) for c in unique}) > 1]
     shown = [table[0], *(axis for axis in varying if axis is not table[0])]  # backend first
@@ -97,6 +99,19 @@ def _check_backends(scenario: Scenario, combos: list[dict[str, Any]]) -> None:
             entries = [getattr(entry, "backend") for entry in scenario.matrix.include]  # noqa: B009
             where = f"matrix.include[{entries.index(name)}].backend"
         raise UserError(f"{scenario.path}: {where}: {problem}")
+
+
+def _check_control_windows(scenario: Scenario, combos: list[dict[str, Any]]) -> None:
+    """A ControlNet cell's ``control_start`` must be below its ``control_end``."""
+    for combo in combos:
+        if combo["workflow"] not in CONTROLNET_WORKFLOWS:
+            continue
+        start, end = combo["control_start"], combo["control_end"]
+        if start >= end:
+            raise UserError(
+                f"{scenario.path}: matrix: control_start {start:g} with control_end {end:g}: "
+                "expected control_start below control_end (fractions of the steps)"
+            )
 
 
 def group_by_load(cells: list[Cell]) -> list[list[Cell]]:

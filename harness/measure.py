@@ -35,6 +35,9 @@ import torch
 
 GB = 1024**3
 PHASES: tuple[str, ...] = ("encode", "denoise", "decode")
+#: Parts of the denoising steps timed apart (their summed time per generation): the
+#: ControlNets' forwards, what the add-on costs.
+PARTS: tuple[str, ...] = ("controlnet",)
 
 
 class CellTimeout(Exception):
@@ -81,6 +84,8 @@ class GenerationTimer:
         self._phase_marks: dict[str, tuple[Any, Any]] = {}
         self._open: dict[str, Any] = {}
         self._step_marks: list[Any] = []
+        self._part_marks: dict[str, list[tuple[Any, Any]]] = {}
+        self._part_open: dict[str, Any] = {}
         self._start: Any = None
         self._end: Any = None
 
@@ -114,6 +119,29 @@ class GenerationTimer:
         start = self._open.pop(name)
         self._phase_marks[name] = (start, self._clock.mark())
 
+    def begin_part(self, name: str) -> None:
+        """Start a timed part of a step (:data:`PARTS`, e.g. a ControlNet's forward)."""
+        if name not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {name!r}")
+        self._part_open[name] = self._clock.mark()
+
+    def end_part(self, name: str) -> None:
+        """End the part started with :meth:`begin_part`; the times of a part add up."""
+        start = self._part_open.pop(name)
+        self._part_marks.setdefault(name, []).append((start, self._clock.mark()))
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Time the block as part ``name`` of the step it runs in."""
+        self.begin_part(name)
+        yield
+        self.end_part(name)
+
+    def part_s(self, name: str) -> float | None:
+        """The summed time of part ``name`` in this generation; None if it never ran."""
+        marks = self._part_marks.get(name)
+        return None if marks is None else sum(self._clock.seconds(a, b) for a, b in marks)
+
     def step(self, *_args: Any, **_kwargs: Any) -> None:
         """Mark the end of a denoising step; accepts and ignores callback arguments."""
         self._step_marks.append(self._clock.mark())
@@ -141,15 +169,19 @@ class Timing:
     denoise: float | None
     decode: float | None
     steps: tuple[float, ...]
+    #: Part name -> its summed time in this generation (:data:`PARTS` that ran).
+    parts: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_timer(cls, timer: GenerationTimer) -> Timing:
+        parts = {name: timer.part_s(name) for name in PARTS}
         return cls(
             wall=timer.wall_s(),
             encode=timer.phase_s("encode"),
             denoise=timer.phase_s("denoise"),
             decode=timer.phase_s("decode"),
             steps=tuple(timer.step_s()),
+            parts={name: value for name, value in parts.items() if value is not None},
         )
 
 
@@ -354,6 +386,8 @@ class Measurement:
     load_memory: MemoryPeaks | None = None
     baseline: Baseline | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Part name -> its time per timed repeat (only parts that ran in every repeat).
+    parts_s: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_timings(
@@ -383,6 +417,11 @@ class Measurement:
             memory=memory,
             load_memory=load_memory,
             baseline=baseline,
+            parts_s={
+                name: tuple(t.parts[name] for t in timings)
+                for name in PARTS
+                if all(name in t.parts for t in timings)
+            },
         )
 
     @property
@@ -429,6 +468,11 @@ class Measurement:
             row["cpu_baseline_gb"] = self.baseline.cpu_rss_gb
             row["cpu_model_gb"] = self.memory.cpu_peak_gb - self.baseline.cpu_rss_gb
             row["gpu_device_baseline_gb"] = self.baseline.gpu_device_used_gb
+        for name, values in self.parts_s.items():
+            # NAME_s: the part's time per generation; NAME_share: of the denoising time
+            row[f"{name}_s"] = statistics.median(values)
+            shares = [v / d for v, d in zip(values, self.denoise_s, strict=True) if d > 0]
+            row[f"{name}_share"] = statistics.median(shares) if shares else None
         row.update(self.extra)
         return row
 

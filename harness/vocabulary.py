@@ -50,7 +50,27 @@ def split_sampler(name: str) -> tuple[str, bool]:
 
 Backend = str  # validated against the backend registry, which may grow
 Source = Literal["hub", "safetensors", "ckpt"]
-Workflow = Literal["txt2img", "img2img", "inpaint", "outpaint", "hires"]
+Workflow = Literal[
+    "txt2img", "img2img", "inpaint", "outpaint", "hires",
+    "controlnet", "controlnet_img2img", "controlnet_inpaint",
+]
+#: The ControlNet workflows, by the workflow each adds the control to (DESIGN.md: ControlNet
+#: is a workflow extension; the harness hands a backend the base workflow plus the controls).
+CONTROLNET_WORKFLOWS: dict[str, str] = {
+    "controlnet": "txt2img",
+    "controlnet_img2img": "img2img",
+    "controlnet_inpaint": "inpaint",
+}
+#: How ControlNets meet classifier-free guidance, by A1111's ControlNet extension's names.
+CONTROL_MODES: dict[str, str] = {
+    "balanced": "Balanced: the control on the conditional and the unconditional pass alike",
+    "prompt": "My prompt is more important: residual i of K scaled by 0.825^(K-1-i)",
+    "controlnet": (
+        "ControlNet is more important: as prompt, and on the conditional pass only "
+        "(guess mode)"
+    ),
+}
+ControlMode = Literal["balanced", "prompt", "controlnet"]
 DType = Literal["fp32", "fp16", "bf16"]
 Offload = Literal["none", "medvram", "lowvram"]
 Compile = Literal["none", "default", "reduce-overhead", "max-autotune"]

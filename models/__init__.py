@@ -2,6 +2,7 @@
 format, a local cache of them, and resolution of model references (zoo names, local files,
 Hugging Face hub ids) to files on disk; LoRA and textual-inversion files per architecture."""
 
+from .controlnet import CONTROLNETS, DEFAULT_CONTROLNET
 from .convert import (
     SPEC_METADATA_KEY,
     read_spec_metadata,
@@ -11,7 +12,7 @@ from .convert import (
     write_single_file,
 )
 from .embeddings import EMBEDDINGS, read_embedding
-from .extras import extra_file, extra_names, model_spec
+from .extras import controlnet_config_folder, extra_file, extra_names, model_spec
 from .lora import (
     LORAS,
     LoraLayer,
@@ -39,6 +40,8 @@ from .zoo import (
 )
 
 __all__ = [
+    "CONTROLNETS",
+    "DEFAULT_CONTROLNET",
     "EMBEDDINGS",
     "FORMATS",
     "LORAS",
@@ -52,6 +55,7 @@ __all__ = [
     "base_spec",
     "cache_root",
     "config_folder",
+    "controlnet_config_folder",
     "extra_file",
     "extra_names",
     "get_spec",

@@ -449,11 +449,11 @@ def write_lora(spec: ModelSpec, name: str, path: Path) -> Path:
     from safetensors.torch import save
 
     metadata = _metadata(LORAS[name], name, spec)
-    path.write_bytes(_sorted_header(save(synthesize_lora(spec, name), metadata=metadata)))
+    path.write_bytes(sorted_header(save(synthesize_lora(spec, name), metadata=metadata)))
     return path
 
 
-def _sorted_header(data: bytes) -> bytes:
+def sorted_header(data: bytes) -> bytes:
     """A safetensors file with its JSON header re-serialised with sorted keys.
 
     safetensors writes the metadata entries in hash-map order, which varies between runs;

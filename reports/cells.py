@@ -56,6 +56,8 @@ FIGURE_SECTIONS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
             ("encode", "encode_s", "s"),
             ("denoise", "denoise_s", "s"),
             ("decode", "decode_s", "s"),
+            ("ControlNet (in denoise)", "controlnet_s", "s"),
+            ("ControlNet share of denoise", "controlnet_share", "pct"),
             ("load", "load_s", "s"),
             ("first call", "first_call_s", "s"),
         ),

@@ -30,18 +30,18 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 
 from harness import axes as axis_table
-from harness.vocabulary import KEEPS, NETWORK_TYPES, TRUNCATES
+from harness.vocabulary import KEEPS, NETWORK_TYPES, TRUNCATES, Workflow
 from reports.cells import ImageResolver
 from reports.formatting import number
 from reports.table import latest_records
 
 #: Workflows in the order the matrix lists them (``harness.vocabulary.Workflow``).
-WORKFLOW_ORDER: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "outpaint", "hires")
+WORKFLOW_ORDER: tuple[str, ...] = get_args(Workflow)
 #: The axes that are the matrix's columns, and the one that heads every feature label.
 COLUMN_AXES: tuple[str, ...] = ("backend", "offload")
 HEAD_AXIS = "workflow"
@@ -69,6 +69,8 @@ CHECK_LABELS: dict[str, str] = {
     "lora_merged": "LoRAs = weights merged by hand",
     "embedding_effect": "trigger word takes effect",
     "embedding_by_hand": "vectors by hand = the file",
+    "controlnet_scale0": "ControlNet at scale 0 = no ControlNet",
+    "controlnet_image_effect": "control image takes effect",
     PARITY: "parity with the other backend",
 }
 #: Every outcome a slot can have; the first four are counted.

@@ -6,8 +6,10 @@ the source is not the hub folder, and — in parentheses — every other field t
 the scenario's rows (dtype, compile, attention, sampler, resolution, steps, model, …), so two
 rows never share a label and no row merges cells that differ in anything but the batch.
 
-The **columns** are it/s per batch size (one slot per batch size seen in the scenario) and
-memory: the largest ``cpu_peak_gb`` and ``gpu_allocated_peak_gb`` over the row's ok cells.
+The **columns** are it/s per batch size (one slot per batch size seen in the scenario), the
+MFU per batch size where known, the ControlNets' share of the denoising time per batch size
+for ControlNet rows (what the add-on costs), and memory: the largest ``cpu_peak_gb`` and
+``gpu_allocated_peak_gb`` over the row's ok cells.
 A slot whose cell did not run ok carries its status instead of a figure. An ok slot also
 carries its spread over the repeats (``its_cv``) and is **noisy** when that spread is beyond
 the scenario's noise limit (``thresholds.noise``, recorded per cell as ``noise_limit``), so
@@ -54,6 +56,7 @@ _SORT_FIRST: tuple[str, ...] = ("backend", "source", "offload")
 ITS_HEADER = "performance it/s"
 MEMORY_HEADER = "memory cpu/gpu (GB)"
 MFU_HEADER = "MFU"
+CONTROLNET_HEADER = "ControlNet share of denoise"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Slot:
     noise_limit: float = DEFAULT_NOISE_LIMIT
     #: Model FLOPs utilisation of the denoising (GPU cells with a known peak; ``mfu``).
     mfu: float | None = None
+    #: The ControlNets' share of the denoising time (``controlnet_share``; ControlNet cells).
+    controlnet_share: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -135,6 +140,15 @@ class Table:
     @property
     def mfu_header(self) -> str:
         return f"{MFU_HEADER} (batch {' / '.join(str(b) for b in self.batches)})"
+
+    @property
+    def has_controlnet(self) -> bool:
+        """Some cell ran ControlNets: the table shows what they cost."""
+        return any(slot.controlnet_share is not None for row in self.rows for slot in row.slots)
+
+    @property
+    def controlnet_header(self) -> str:
+        return f"{CONTROLNET_HEADER} (batch {' / '.join(str(b) for b in self.batches)})"
 
     @property
     def has_spread(self) -> bool:
@@ -346,5 +360,6 @@ def _slot(
         verdict=verdicts.get(scenario, cell_id, SPEED_METRIC) if verdicts else None,
         cv=None if status != "ok" or single else number(record.get("its_cv")),
         mfu=number(record.get("mfu")) if status == "ok" else None,
+        controlnet_share=number(record.get("controlnet_share")) if status == "ok" else None,
         noise_limit=DEFAULT_NOISE_LIMIT if noise_limit is None else noise_limit,
     )

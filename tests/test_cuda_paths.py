@@ -319,6 +319,32 @@ def test_lowvram_moves_each_unet_block_for_its_own_forward(
         assert len(on_gpu) <= 1, "two swapped modules on the GPU at once"
 
 
+@pytest.mark.parametrize("offload", ["medvram", "lowvram"])
+def test_controlnets_are_swapped_whole_under_offload(
+    monkeypatch: pytest.MonkeyPatch, tiny_ldm: Any, offload: str
+) -> None:
+    """Under medvram / lowvram the session registers each ControlNet with the swapper: it
+    waits on the CPU and is the one module on the GPU while it runs."""
+    from backends.original.backend import OriginalSession
+    from backends.original.memory import place
+    from models import extra_file
+
+    moves = Moves().install(monkeypatch)
+    session = OriginalSession.__new__(OriginalSession)  # only what _controlnet reads
+    session.ldm, session.device, session._dtype = tiny_ldm, CUDA, torch.float32
+    session.swapper, session._controlnets = place(tiny_ldm, CUDA, offload), {}
+    path = extra_file("controlnet", "canny", "tiny")
+    net = session._controlnet(path, path)
+    assert session._controlnet(path, path) is net  # loaded once per session
+    assert moves.log[-1] == (net, "cpu")
+    _run_parts(tiny_ldm)
+    mark = len(moves.log)
+    context = torch.zeros(1, 77, tiny_ldm.unet.config.context_dim)
+    net(torch.zeros(1, 4, 8, 8), torch.zeros(1, 3, 64, 64), torch.tensor([10]), context)
+    assert moves.since(mark) == [(tiny_ldm.first_stage_model, "cpu"), (net, "cuda")]
+    assert session.swapper is not None and session.swapper.in_gpu is net
+
+
 @pytest.mark.parametrize(("offload", "call"), [
     ("none", "to"),
     ("medvram", "enable_model_cpu_offload"),

@@ -29,6 +29,7 @@ import torch
 from backends.base import TORCH_DTYPES, Backend, Output, Request, Session
 from backends.original.attention import set_attention, xformers_available
 from backends.original.checkpoint import load_latent_diffusion
+from backends.original.controlnet import ActiveControls, ControlledUNet, ControlNet, load_controlnet
 from backends.original.denoiser import CFGDenoiser, DiscreteEpsDenoiser
 from backends.original.lora import LoraPatcher, layer_names
 from backends.original.memory import ModuleSwapper, place
@@ -103,7 +104,11 @@ class OriginalSession(Session):
             eps_model = torch.compile(
                 eps_model, mode=_COMPILE_MODES[cell.compile], fullgraph=cell.fullgraph
             )
-        inner = DiscreteEpsDenoiser(eps_model, self.ldm.alphas_cumprod).to(device)
+        #: The UNet with the running generation's ControlNets (none outside a generation).
+        self.controlled = ControlledUNet(eps_model)
+        self._controlnets: dict[Path, ControlNet] = {}
+        self._dtype = TORCH_DTYPES[cell.dtype]
+        inner = DiscreteEpsDenoiser(self.controlled, self.ldm.alphas_cumprod).to(device)
         self.denoiser = CFGDenoiser(inner)
 
     @torch.no_grad()
@@ -112,6 +117,24 @@ class OriginalSession(Session):
         embedding files (once per session)."""
         self.lora.apply((ref.path, ref.strength) for ref in request.loras)
         self._vectors = self._embeddings(request)
+        for ref in request.controls:
+            self._controlnet(ref.path, ref.source)
+
+    def _controlnet(self, path: Path | None, source: Path) -> ControlNet:
+        """The ControlNet of a single file, loaded once per session (strictly, in the
+        session's dtype; registered with the memory mode's swapper)."""
+        if path is None:
+            raise UnsupportedError(
+                f"controlnet '{source}': a diffusers folder; the original backend reads the "
+                "original single file (control_model.*)"
+            )
+        net = self._controlnets.get(path)
+        if net is None:
+            net = load_controlnet(path, self.ldm.unet.config, self._dtype, self.device)
+            if self.swapper is not None:
+                self.swapper.register(net)
+            self._controlnets[path] = net
+        return net
 
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         if request.workflow not in WORKFLOWS:
@@ -135,12 +158,16 @@ class OriginalSession(Session):
             else:
                 cond, uncond = text(prompts, embeddings=embeddings), None
             start = self._start(request, shape)
+            self.controlled.active = self._controls(request, timer)
         conditioning = {"cond": cond, "uncond": uncond, "cond_scale": request.guidance}
 
-        with timer.phase("denoise"):
-            latents = self._denoise(request, request.noise, start, conditioning, timer)
-            if request.workflow == "hires":
-                latents = self._hires_pass(request, latents, conditioning, timer)
+        try:
+            with timer.phase("denoise"):
+                latents = self._denoise(request, request.noise, start, conditioning, timer)
+                if request.workflow == "hires":
+                    latents = self._hires_pass(request, latents, conditioning, timer)
+        finally:
+            self.controlled.active = None
 
         with timer.phase("decode"):
             decoded = self.ldm.decode_first_stage(latents)
@@ -172,6 +199,29 @@ class OriginalSession(Session):
         """The init latents of ``image`` as img2img / inpaint compute them, on the CPU."""
         pixels = image_tensor(image, image.shape[1], image.shape[0], self.device)
         return encode(self.ldm, pixels).cpu()
+
+    def _controls(self, request: Request, timer: GenerationTimer) -> ActiveControls | None:
+        """The request's ControlNets with their hints (``[batch, 3, H, W]`` on the device),
+        timed as the ``controlnet`` part of each step."""
+        if not request.controls:
+            return None
+        hints = [
+            (image_tensor(ref.image, request.width, request.height, self.device) + 1.0) / 2.0
+            for ref in request.controls
+        ]
+
+        def time_part(begin: bool) -> None:
+            (timer.begin_part if begin else timer.end_part)("controlnet")
+
+        return ActiveControls(
+            nets=[self._controlnet(ref.path, ref.source) for ref in request.controls],
+            hints=[hint.expand(request.batch, -1, -1, -1) for hint in hints],
+            scales=[ref.scale for ref in request.controls],
+            mode=request.control_mode,
+            start=request.control_start,
+            end=request.control_end,
+            timer=time_part,
+        )
 
     def _start(self, request: Request, shape: tuple[int, ...]) -> _Start:
         """What the first denoising starts from: the init latent, strength and masks."""
@@ -227,12 +277,21 @@ class OriginalSession(Session):
                 extra.update(init_latent=start.init, mask=start.mask)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        callback: Any = timer.step
+        controls = self.controlled.active
+        if controls is not None:
+            controls.steps, controls.step = len(sigmas) - 1, 0
+
+            def callback(info: dict[str, Any]) -> None:
+                controls.on_step(int(info["i"]))
+                timer.step()
+
         latents = SAMPLERS[base](
             self.denoiser,
             x,
             sigmas,
             extra_args=extra,
-            callback=timer.step,
+            callback=callback,
             generator=torch.Generator().manual_seed(request.seed + seed_offset),
             **options,
         )
@@ -263,6 +322,7 @@ class OriginalSession(Session):
         return self._denoise(request, request.hires_noise, start, conditioning, timer, 1)
 
     def close(self) -> None:
+        self._controlnets.clear()
         self.lora.restore()
         if self.swapper is not None:
             self.swapper.remove()
@@ -290,6 +350,8 @@ class OriginalBackend(Backend):
     name = "original"
     #: Prompts past 75 tokens keep their tail (75-token chunks, :mod:`.text`).
     long_prompts = True
+    #: ControlNet (``cldm``) on every workflow but the hires fix (:mod:`.controlnet`).
+    controlnet = True
 
     def unsupported(self, cell: Cell, device: torch.device) -> str | None:
         if cell.source not in SINGLE_FILE_SOURCES:
@@ -297,7 +359,7 @@ class OriginalBackend(Backend):
                 f"the original backend loads single files (safetensors, ckpt); "
                 f"source {cell.source!r} is the diffusers folder layout"
             )
-        if cell.workflow not in (*WORKFLOWS, "outpaint"):
+        if cell.base_workflow not in (*WORKFLOWS, "outpaint"):
             return f"the original backend has no workflow {cell.workflow!r}"
         base, _karras = split_sampler(cell.sampler)
         if base in NOT_IMPLEMENTED:

@@ -12,6 +12,7 @@ tensors of an original single file load with ``load_state_dict(strict=True)``:
 
 Only what SD 1.x uses is kept: 2-D convolutions, no scale-shift norm, no up/down-sampling
 ResBlocks, no gradient checkpointing, ``use_linear_in_transformer`` as an option (SD 2.x).
+The encoder half (:func:`build_encoder`) is shared with the ControlNet (:mod:`.controlnet`).
 Unlike the original, output layers are not zero-initialised: weights always come from a file.
 """
 
@@ -271,8 +272,48 @@ class TimestepEmbedSequential(nn.Sequential):
 # --- the model -----------------------------------------------------------------------------
 
 
+def _transformer(config: UNetConfig, ch: int) -> SpatialTransformer:
+    return SpatialTransformer(
+        ch,
+        config.num_heads,
+        ch // config.num_heads,
+        config.transformer_depth,
+        config.context_dim,
+        config.use_linear_in_transformer,
+    )
+
+
+def build_encoder(
+    config: UNetConfig, in_channels: int, time_embed_dim: int
+) -> tuple[nn.ModuleList, TimestepEmbedSequential, list[int]]:
+    """``input_blocks`` and ``middle_block`` of ``openaimodel.py`` (shared by the UNet and the
+    ControlNet of ``cldm.py``), and the channels of each input block's output (the skips)."""
+    mc = config.model_channels
+    input_blocks = nn.ModuleList(
+        [TimestepEmbedSequential(nn.Conv2d(in_channels, mc, 3, padding=1))]
+    )
+    skip_channels = [mc]
+    ch, ds = mc, 1
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, time_embed_dim, mult * mc)]
+            ch = mult * mc
+            if ds in config.attention_resolutions:
+                layers.append(_transformer(config, ch))
+            input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(config.channel_mult) - 1:
+            input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+            ds *= 2
+    middle_block = TimestepEmbedSequential(
+        ResBlock(ch, time_embed_dim, ch), _transformer(config, ch), ResBlock(ch, time_embed_dim, ch)
+    )
+    return input_blocks, middle_block, skip_channels
+
+
 class UNetModel(nn.Module):
-    """The eps-prediction UNet: ``forward(x, timesteps, context) -> eps``."""
+    """The eps-prediction UNet: ``forward(x, timesteps, context, control) -> eps``."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -280,49 +321,24 @@ class UNetModel(nn.Module):
         mc = config.model_channels
         time_embed_dim = mc * 4
 
-        def transformer(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(
-                ch,
-                config.num_heads,
-                ch // config.num_heads,
-                config.transformer_depth,
-                config.context_dim,
-                config.use_linear_in_transformer,
-            )
-
         self.time_embed = nn.Sequential(
             nn.Linear(mc, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
+        self.input_blocks, self.middle_block, skip_channels = build_encoder(
+            config, config.in_channels, time_embed_dim
         )
-        skip_channels = [mc]
-        ch, ds = mc, 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, time_embed_dim, mult * mc)]
-                ch = mult * mc
-                if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(config.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_embed_dim, ch), transformer(ch), ResBlock(ch, time_embed_dim, ch)
-        )
+        ch = skip_channels[-1]
+        ds = 2 ** (len(config.channel_mult) - 1)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), time_embed_dim, mc * mult)]
+                layers: list[nn.Module] = [
+                    ResBlock(ch + skip_channels.pop(), time_embed_dim, mc * mult)
+                ]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(_transformer(config, ch))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -337,8 +353,15 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``control``: a ControlNet's residuals (``cldm``'s ``ControlledUnetModel``), one
+        per input block then the middle block's, added to the middle block's output and to
+        each skip connection as the output blocks take it."""
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(self.dtype)
         emb = self.time_embed(t_emb)
         context = context.to(self.dtype)
@@ -348,6 +371,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        residuals = None if control is None else list(control)
+        if residuals is not None:
+            h = h + residuals.pop().to(h.dtype)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            skip = skips.pop()
+            if residuals is not None:
+                skip = skip + residuals.pop().to(skip.dtype)
+            h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h).to(x.dtype)
