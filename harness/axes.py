@@ -72,20 +72,12 @@ def extra_name(ref: str) -> str:
 
 
 def lora_label(value: str) -> str:
-    """``zoo:style@0.5+zoo:detail@1`` -> ``style@0.5+detail@1``."""
+    """Files with weights, LoRAs or ControlNets: ``zoo:style@0.5+zoo:detail@1`` ->
+    ``style@0.5+detail@1``; ``zoo:canny@0.5+zoo:depth`` -> ``canny@0.5+depth``."""
     parts = []
     for part in value.split("+"):
-        ref, _, strength = part.strip().rpartition("@")
-        parts.append(f"{extra_name(ref)}@{strength}" if ref else extra_name(part))
-    return "+".join(parts)
-
-
-def controlnet_label(value: str) -> str:
-    """``zoo:canny@0.5+zoo:depth`` -> ``canny@0.5+depth``."""
-    parts = []
-    for part in value.split("+"):
-        ref, at, scale = part.strip().rpartition("@")
-        parts.append(f"{extra_name(ref)}@{scale}" if at else extra_name(part))
+        ref, _, weight = part.strip().rpartition("@")
+        parts.append(f"{extra_name(ref)}@{weight}" if ref else extra_name(part))
     return "+".join(parts)
 
 
@@ -276,7 +268,7 @@ AXES: tuple[Axis, ...] = (
     # ControlNet (the controlnet workflows)
     Axis("controlnet", str, "auto", check=check_controlnet, feature=True, quiet="auto",
          workflows=_CONTROLNET, id=lambda v: "cn-" + _id_plain(str(v).replace("zoo:", "")),
-         label=lambda v: f"ControlNet {controlnet_label(str(v))}"),
+         label=lambda v: f"ControlNet {lora_label(str(v))}"),
     Axis("control_image", str, "generated", {"min_length": 1}, feature=True,
          workflows=_CONTROLNET, id=lambda v: f"hint-{PurePath(v).stem}",
          label=_prefixed("control image ")),

@@ -39,6 +39,7 @@ from backends.original.unet import (
     TimestepEmbedSequential,
     UNetConfig,
     build_encoder,
+    time_embed_mlp,
     timestep_embedding,
 )
 from harness.errors import UserError
@@ -59,9 +60,7 @@ class ControlNet(nn.Module):
         self.config = config
         mc = config.model_channels
         time_embed_dim = mc * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(mc, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
-        )
+        self.time_embed = time_embed_mlp(mc)
         hint: list[nn.Module] = [nn.Conv2d(hint_channels, HINT_CHANNELS[0], 3, padding=1)]
         for width, wider in zip(HINT_CHANNELS, HINT_CHANNELS[1:], strict=False):
             hint += [nn.SiLU(), nn.Conv2d(width, width, 3, padding=1)]

@@ -283,6 +283,13 @@ def _transformer(config: UNetConfig, ch: int) -> SpatialTransformer:
     )
 
 
+def time_embed_mlp(channels: int) -> nn.Sequential:
+    """``time_embed``: the timestep embedding's MLP, ``channels`` -> ``4 x channels``."""
+    return nn.Sequential(
+        nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
+    )
+
+
 def build_encoder(
     config: UNetConfig, in_channels: int, time_embed_dim: int
 ) -> tuple[nn.ModuleList, TimestepEmbedSequential, list[int]]:
@@ -320,10 +327,7 @@ class UNetModel(nn.Module):
         self.config = config
         mc = config.model_channels
         time_embed_dim = mc * 4
-
-        self.time_embed = nn.Sequential(
-            nn.Linear(mc, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
-        )
+        self.time_embed = time_embed_mlp(mc)
         self.input_blocks, self.middle_block, skip_channels = build_encoder(
             config, config.in_channels, time_embed_dim
         )
