@@ -20,6 +20,8 @@ and generalises its hard-coded four levels / two layers to any ``block_out_chann
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ SPEC_METADATA_KEY = "sdbench_spec"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+#: SD 2.x: OpenCLIP's text tower (``FrozenOpenCLIPEmbedder.model``).
+OPENCLIP_PREFIX = "cond_stage_model.model."
 SINGLE_FILE_SUFFIXES = {".safetensors": "safetensors", ".ckpt": "ckpt"}
 
 # diffusers name → LDM name of the sub-modules of one resnet block.
@@ -218,6 +222,78 @@ def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.
     }
 
 
+# transformers CLIPTextModel name (after ``encoder.layers.N.``) → OpenCLIP resblock name
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def openclip_text_to_original(
+    state: dict[str, torch.Tensor], spec: ModelSpec
+) -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModel`` state dict of an SD 2.x spec in OpenCLIP's layout
+    (``cond_stage_model.model.*``): q/k/v fused into ``attn.in_proj_weight`` / ``_bias``, the
+    position embedding a bare ``positional_embedding`` tensor; plus what the release carries
+    and the penultimate-layer conditioning never reads — OpenCLIP's last resblock,
+    ``text_projection`` and ``logit_scale`` — drawn by :func:`openclip_unused_tensors`."""
+    plain = {key.removeprefix("text_model."): value for key, value in state.items()}
+    out: dict[str, torch.Tensor] = {
+        "token_embedding.weight": plain.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": plain.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": plain.pop("final_layer_norm.weight"),
+        "ln_final.bias": plain.pop("final_layer_norm.bias"),
+    }
+    for layer in range(int(spec.text_encoder["num_hidden_layers"])):
+        hf, oc = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{kind}"] = torch.cat(
+                [plain.pop(f"{hf}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            )
+            for hf_name, oc_name in _OPENCLIP_LAYER.items():
+                out[f"{oc}{oc_name}.{kind}"] = plain.pop(f"{hf}{hf_name}.{kind}")
+    if plain:
+        raise AssertionError(f"text encoder keys without an OpenCLIP name: {sorted(plain)[:4]}")
+    first = out["token_embedding.weight"]
+    out.update(openclip_unused_tensors(spec, first.dtype))
+    return {OPENCLIP_PREFIX + key: value for key, value in out.items()}
+
+
+def openclip_unused_tensors(spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """OpenCLIP's last resblock, ``text_projection`` and ``logit_scale`` for ``spec``'s
+    single file, seeded as every zoo tensor (:mod:`models.synth`'s scales)."""
+    from .synth import BIAS_STD, GAIN, NORM_STD, seeded_normal
+
+    width = int(spec.text_encoder["hidden_size"])
+    inner = int(spec.text_encoder["intermediate_size"])
+    last = f"transformer.resblocks.{spec.text_file_layers() - 1}."
+    shapes = {
+        "attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
+        "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,),
+        "ln_1.weight": (width,), "ln_1.bias": (width,),
+        "ln_2.weight": (width,), "ln_2.bias": (width,),
+        "mlp.c_fc.weight": (inner, width), "mlp.c_fc.bias": (inner,),
+        "mlp.c_proj.weight": (width, inner), "mlp.c_proj.bias": (width,),
+    }
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.startswith("ln_"):
+            mean, std = (1.0, NORM_STD) if name.endswith("weight") else (0.0, BIAS_STD)
+        elif name.endswith("bias"):
+            mean, std = 0.0, BIAS_STD
+        else:
+            mean, std = 0.0, GAIN / shape[1] ** 0.5
+        tensors[last + name] = seeded_normal(shape, mean, std, spec.seed, f"openclip.{last}{name}")
+    tensors["text_projection"] = seeded_normal(
+        (width, width), 0.0, width**-0.5, spec.seed, "openclip.text_projection"
+    )
+    tensors["logit_scale"] = torch.tensor(4.6052)  # ln(100), as trained CLIP models end up
+    return {key: value.to(dtype) for key, value in tensors.items()}
+
+
 def ddpm_buffers(scheduler: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The schedule buffers ``LatentDiffusion.register_schedule`` stores in a checkpoint.
 
@@ -259,7 +335,10 @@ def to_original_state_dict(
     state = ddpm_buffers(spec.scheduler)
     state.update(unet_to_original(states["unet"], spec.unet))
     state.update(vae_to_original(states["vae"], spec.vae))
-    state.update(text_encoder_to_original(states["text_encoder"]))
+    if spec.family == "sd2":
+        state.update(openclip_text_to_original(states["text_encoder"], spec))
+    else:
+        state.update(text_encoder_to_original(states["text_encoder"]))
     return {key: value.contiguous() for key, value in state.items()}
 
 
@@ -387,8 +466,21 @@ def write_single_file(spec: ModelSpec, components: Any, path: Path) -> Path:
 # --------------------------------------------------------------------------- reverse mapping
 
 
-def original_key_map(spec: ModelSpec) -> dict[str, tuple[str, str, tuple[int, ...]]]:
-    """Original single-file key → (component, diffusers key, diffusers shape) of ``spec``.
+@dataclass(frozen=True)
+class OriginalSlot:
+    """Where a diffusers tensor of a spec lives in its original single file."""
+
+    #: The single-file key.
+    key: str
+    #: The diffusers tensor's shape (the file's may differ: the VAE's 1x1-conv attention).
+    shape: tuple[int, ...]
+    #: Rows ``[start, stop)`` of the file's tensor that are this one (OpenCLIP's fused q/k/v
+    #: in ``attn.in_proj_weight`` / ``_bias``); None for the whole tensor.
+    rows: tuple[int, int] | None = None
+
+
+def original_slots(spec: ModelSpec) -> dict[tuple[str, str], OriginalSlot]:
+    """(component, diffusers key) → its :class:`OriginalSlot`, for every tensor of ``spec``.
 
     Derived from the forward mapping of :func:`to_original_state_dict` on meta-device
     modules (names and shapes only, no weights), so the two directions cannot disagree. The
@@ -398,9 +490,12 @@ def original_key_map(spec: ModelSpec) -> dict[str, tuple[str, str, tuple[int, ..
     from .synth import empty_components
 
     components = empty_components(spec)
-    mapping: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    slots: dict[tuple[str, str], OriginalSlot] = {}
     for component, model in components.items():
         state = model.state_dict()
+        if component == "text_encoder" and spec.family == "sd2":
+            slots.update(_openclip_slots(state, spec))
+            continue
         if component == "unet":
             renamed = {key: UNET_PREFIX + _rename(key, unet_prefix_map(spec.unet)) for key in state}
         elif component == "vae":
@@ -411,8 +506,44 @@ def original_key_map(spec: ModelSpec) -> dict[str, tuple[str, str, tuple[int, ..
                 for key in state
             }
         for key, original in renamed.items():
-            mapping[original] = (component, key, tuple(state[key].shape))
-    return mapping
+            slots[(component, key)] = OriginalSlot(original, tuple(state[key].shape))
+    return slots
+
+
+def _openclip_slots(
+    state: dict[str, torch.Tensor], spec: ModelSpec
+) -> dict[tuple[str, str], OriginalSlot]:
+    """The inverse of :func:`openclip_text_to_original`, key by key."""
+    width = int(spec.text_encoder["hidden_size"])
+    fixed = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+    slots = {}
+    for key, value in state.items():
+        plain = key.removeprefix("text_model.")
+        rows = None
+        if plain in fixed:
+            original = fixed[plain]
+        else:
+            match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", plain)
+            if match is None:
+                raise AssertionError(f"text encoder key without an OpenCLIP name: {key}")
+            layer, name, kind = match.groups()
+            prefix = f"transformer.resblocks.{layer}."
+            projection = re.fullmatch(r"self_attn\.([qkv])_proj", name)
+            if projection is not None:
+                index = "qkv".index(projection.group(1))
+                original = f"{prefix}attn.in_proj_{kind}"
+                rows = (index * width, (index + 1) * width)
+            else:
+                original = f"{prefix}{_OPENCLIP_LAYER[name]}.{kind}"
+        slots[("text_encoder", key)] = OriginalSlot(
+            OPENCLIP_PREFIX + original, tuple(value.shape), rows
+        )
+    return slots
 
 
 def from_original_state_dict(
@@ -426,10 +557,13 @@ def from_original_state_dict(
     """
     states: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
     missing: list[str] = []
-    for original, (component, key, shape) in original_key_map(spec).items():
-        value = state.get(original)
+    for (component, key), slot in original_slots(spec).items():
+        value = state.get(slot.key)
         if value is None:
-            missing.append(original)
+            if slot.key not in missing:
+                missing.append(slot.key)
             continue
-        states[component][key] = value.reshape(shape) if tuple(value.shape) != shape else value
+        if slot.rows is not None:
+            value = value[slot.rows[0] : slot.rows[1]]
+        states[component][key] = value.reshape(slot.shape) if value.shape != slot.shape else value
     return states, missing

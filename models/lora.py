@@ -51,7 +51,7 @@ from harness.errors import UserError
 
 from .convert import (
     from_original_state_dict,
-    original_key_map,
+    original_slots,
     save_single_file,
     single_file_format,
     to_original_state_dict,
@@ -315,6 +315,8 @@ class LoraTarget:
     #: The weight's key in the original single-file layout.
     original_key: str
     shape: tuple[int, ...]
+    #: The rows of the original tensor that are this weight (OpenCLIP's fused q/k/v).
+    rows: tuple[int, int] | None = None
 
 
 def kohya_name(component: str, module: str) -> str:
@@ -330,11 +332,13 @@ def kohya_name(component: str, module: str) -> str:
 def _lora_targets(spec_json: str) -> dict[str, LoraTarget]:
     spec = ModelSpec.from_dict(json.loads(spec_json))
     targets: dict[str, LoraTarget] = {}
-    for original, (component, key, shape) in original_key_map(spec).items():
-        if component == "vae" or not key.endswith(".weight") or len(shape) not in (2, 4):
+    for (component, key), slot in original_slots(spec).items():
+        if component == "vae" or not key.endswith(".weight") or len(slot.shape) not in (2, 4):
             continue
         module = key[: -len(".weight")]
-        targets[kohya_name(component, module)] = LoraTarget(component, key, original, shape)
+        targets[kohya_name(component, module)] = LoraTarget(
+            component, key, slot.key, slot.shape, slot.rows
+        )
     return targets
 
 

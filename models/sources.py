@@ -56,7 +56,10 @@ HUB_SCHEME = "hub:"
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _UNET_CONTEXT = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 #: Original single files of third-party releases recognised by shape: (UNet width, context).
-_KNOWN_SHAPES = {(320, 768): "sd15"}
+#: (UNet width, context width) of an original single file -> its zoo architecture. SD 2.x
+#: files read as the 768-v release (``sd21``, v-prediction): the 512 px base (eps) has the
+#: same shapes, and A1111 tells them apart only by running the UNet on a test input.
+_KNOWN_SHAPES = {(320, 768): "sd15", (320, 1024): "sd21"}
 # Files of a hub folder worth fetching (weights of the diffusers layout, configs, tokenizer).
 _HUB_IGNORE = ["*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.ot", "*.ckpt", "*.pb"]
 
@@ -132,7 +135,8 @@ def single_file_spec(path: Path) -> ModelSpec:
     if key not in _KNOWN_SHAPES:
         raise UserError(
             f"model '{path}': unrecognised architecture (UNet width {key[0]}, context {key[1]}); "
-            "expected an SD 1.x original checkpoint (UNet width 320, context 768)"
+            "expected an SD 1.x (UNet width 320, context 768) or SD 2.x (context 1024) original "
+            "checkpoint"
         )
     name = _KNOWN_SHAPES[key]
     in_channels = (shapes.get(_UNET_IN) or (0, 0))[1]
@@ -147,7 +151,8 @@ def _spec_of_folder(path: Path) -> str | None:
         unet = json.loads((path / "unet" / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    keys = ("block_out_channels", "cross_attention_dim", "layers_per_block", "in_channels")
+    keys = ("block_out_channels", "cross_attention_dim", "layers_per_block", "in_channels",
+            "attention_head_dim", "use_linear_projection")
     for name, spec in SPECS.items():
         if all(unet.get(key) == spec.unet.get(key) for key in keys):
             return name

@@ -13,6 +13,15 @@ hard-code 32 normalisation groups. ``tiny-inpaint`` / ``sd15-inpaint`` are the s
 9-channel UNet input of the inpainting releases. Every model has an fp16 twin (``tiny-fp16``,
 ``sd15-fp16``, …): the same weights stored in fp16, for fp16 runs (half the disk and memory
 to synthesise and load).
+
+Families (:data:`FAMILIES`): ``sd1`` (the above) and ``sd2`` — ``sd21`` has the shapes of
+Stable Diffusion 2.1 768-v (865M UNet with 64-channel heads, linear transformer projections and
+a 1024-wide context; OpenCLIP ViT-H/14's text tower, conditioned on its penultimate layer;
+v-prediction; the same KL-f8 VAE), ``tiny-sd21`` the same structure at test widths. The hub
+folder of an SD 2.x model holds the text tower without its last layer, as the public release
+does (diffusers' ``CLIPTextModel`` then yields the penultimate layer's states through the final
+layer norm); the original single file holds all of OpenCLIP's layers
+(``cond_stage_model.model.*``, :meth:`ModelSpec.text_file_layers`).
 """
 
 from __future__ import annotations
@@ -29,6 +38,14 @@ ZOO_FORMAT_VERSION = 1
 WEIGHTS_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Suffix of the zoo name of a spec's fp16 twin (``sd15-fp16``).
 FP16_SUFFIX = "-fp16"
+#: Model families: what each conditions on and how its original single file is laid out.
+FAMILIES: dict[str, str] = {
+    "sd1": "SD 1.x: CLIP ViT-L/14's last layer, eps-prediction (cond_stage_model.transformer.*)",
+    "sd2": (
+        "SD 2.x: OpenCLIP ViT-H/14's penultimate layer, v-prediction for 768-v "
+        "(cond_stage_model.model.*)"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -50,12 +67,27 @@ class ModelSpec:
     #: twins). Every tensor is drawn in fp32 from its own generator and cast at once, so a
     #: twin holds its fp32 model's weights rounded, and no fp32 copy of it is ever built.
     weights_dtype: str = "float32"
+    #: :data:`FAMILIES`.
+    family: str = "sd1"
 
     def __post_init__(self) -> None:
         if self.weights_dtype not in WEIGHTS_DTYPES:
             raise ValueError(
                 f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {self.weights_dtype!r}"
             )
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+
+    @property
+    def prediction(self) -> str:
+        """``eps`` or ``v``: what the UNet predicts (the scheduler's ``prediction_type``)."""
+        return "v" if self.scheduler.get("prediction_type") == "v_prediction" else "eps"
+
+    def text_file_layers(self) -> int:
+        """Text-encoder layers in the original single file: the hub's, plus for SD 2.x the
+        last OpenCLIP layer, which the penultimate-layer conditioning never runs."""
+        layers = int(self.text_encoder["num_hidden_layers"])
+        return layers + 1 if self.family == "sd2" else layers
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -72,6 +104,8 @@ class ModelSpec:
         }
         if self.weights_dtype != "float32":  # fp32 specs keep their fingerprints and caches
             data["weights_dtype"] = self.weights_dtype
+        if self.family != "sd1":  # so do the SD 1.x specs
+            data["family"] = self.family
         return data
 
     @classmethod
@@ -105,6 +139,27 @@ class ModelSpec:
         ]
         heads = unet["attention_head_dim"]
         vae_widths = list(vae["block_out_channels"])
+        if self.family == "sd2":  # heads of 64 channels at every level (num_head_channels)
+            head_options: dict[str, Any] = {"num_heads": -1, "num_head_channels": base // (
+                heads if isinstance(heads, int) else list(heads)[0])}
+            cond_stage: dict[str, Any] = {
+                "kind": "openclip",
+                "width": text["hidden_size"],
+                "heads": text["num_attention_heads"],
+                "layers": self.text_file_layers(),
+                "intermediate": text["intermediate_size"],
+                "max_length": text["max_position_embeddings"],
+                "vocab_size": text["vocab_size"],
+                "layer": "penultimate",
+            }
+        else:
+            head_options = {"num_heads": heads if isinstance(heads, int) else list(heads)[0]}
+            cond_stage = {
+                "kind": "clip",
+                "hidden_size": text["hidden_size"],
+                "max_length": text["max_position_embeddings"],
+                "layer": "last",
+            }
         return {
             "unet": {
                 "image_size": unet["sample_size"],
@@ -114,7 +169,7 @@ class ModelSpec:
                 "attention_resolutions": sorted(attention_levels, reverse=True),
                 "num_res_blocks": unet["layers_per_block"],
                 "channel_mult": [width // base for width in widths],
-                "num_heads": heads if isinstance(heads, int) else list(heads)[0],
+                **head_options,
                 "use_spatial_transformer": True,
                 "transformer_depth": 1,
                 "context_dim": unet["cross_attention_dim"],
@@ -134,16 +189,12 @@ class ModelSpec:
                 "attn_resolutions": [],
                 "dropout": 0.0,
             },
-            "cond_stage": {
-                "hidden_size": text["hidden_size"],
-                "max_length": text["max_position_embeddings"],
-                "layer": "last",
-            },
+            "cond_stage": cond_stage,
             "scale_factor": vae["scaling_factor"],
             "linear_start": self.scheduler["beta_start"],
             "linear_end": self.scheduler["beta_end"],
             "timesteps": self.scheduler["num_train_timesteps"],
-            "parameterization": "eps",
+            "parameterization": self.prediction,
         }
 
 
@@ -166,10 +217,12 @@ def _unet(
     widths: tuple[int, ...],
     attention: tuple[bool, ...],
     layers: int,
-    heads: int,
+    heads: int | list[int],
     context: int,
     sample_size: int,
     in_channels: int = 4,
+    linear: bool = False,
+    upcast: bool = False,
 ) -> dict[str, Any]:
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
@@ -192,7 +245,8 @@ def _unet(
         "downsample_padding": 1,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
-        "use_linear_projection": False,
+        "use_linear_projection": linear,
+        **({"upcast_attention": True} if upcast else {}),
     }
 
 
@@ -234,6 +288,17 @@ def _clip(
     }
 
 
+_SD2_V_SCHEDULER: dict[str, Any] = {**_SD1_SCHEDULER, "prediction_type": "v_prediction"}
+
+
+def _openclip_text(
+    vocab: int, hidden: int, intermediate: int, layers: int, heads: int
+) -> dict[str, Any]:
+    """OpenCLIP's text tower as diffusers' SD 2.x ``CLIPTextModel`` holds it: GELU, and
+    ``layers`` = OpenCLIP's layers less the last (the penultimate layer's output)."""
+    return {**_clip(vocab, hidden, intermediate, layers, heads), "hidden_act": "gelu"}
+
+
 SPECS: dict[str, ModelSpec] = {
     "tiny": ModelSpec(
         name="tiny",
@@ -263,6 +328,49 @@ SPECS: dict[str, ModelSpec] = {
         tokenizer={"vocab_size": 49408, "model_max_length": 77},
         seed=0,
         repo_id="sdbench/sd15",
+    ),
+    "tiny-sd21": ModelSpec(
+        name="tiny-sd21",
+        description=(
+            "SD 2.x structure at test widths (UNet 32/64 with 8-channel heads and linear "
+            "projections, OpenCLIP-style text 3x32 run to its penultimate layer, v-prediction)"
+        ),
+        unet=_unet((32, 64), (True, False), layers=1, heads=[4, 8], context=32, sample_size=8,
+                   linear=True),
+        vae=_vae((32, 32, 64, 64), layers=1, sample_size=64),
+        text_encoder=_openclip_text(vocab=1000, hidden=32, intermediate=64, layers=2, heads=4),
+        scheduler=_SD2_V_SCHEDULER,
+        tokenizer={"vocab_size": 1000, "model_max_length": 77, "pad_token": "!"},
+        seed=0,
+        repo_id="sdbench/tiny-sd21",
+        family="sd2",
+    ),
+    "sd21": ModelSpec(
+        name="sd21",
+        description=(
+            "Stable Diffusion 2.1 768-v shapes: 865M UNet (64-channel heads, linear "
+            "projections, context 1024), OpenCLIP ViT-H/14 text (penultimate), v-prediction"
+        ),
+        unet=_unet(
+            (320, 640, 1280, 1280),
+            (True, True, True, False),
+            layers=2,
+            heads=[5, 10, 20, 20],
+            context=1024,
+            sample_size=96,
+            linear=True,
+            upcast=True,
+        ),
+        vae=_vae((128, 256, 512, 512), layers=2, sample_size=768),
+        text_encoder={
+            **_openclip_text(vocab=49408, hidden=1024, intermediate=4096, layers=23, heads=16),
+            "projection_dim": 1024,
+        },
+        scheduler=_SD2_V_SCHEDULER,
+        tokenizer={"vocab_size": 49408, "model_max_length": 77, "pad_token": "!"},
+        seed=0,
+        repo_id="sdbench/sd21",
+        family="sd2",
     ),
 }
 

@@ -105,7 +105,9 @@ def tokenizer_files(spec: ModelSpec) -> dict[str, str]:
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
         "unk_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
+        # SD 1.x pads with EOS; the SD 2.x release's tokenizer pads with "!" (id 0), as
+        # OpenCLIP's own tokenizer pads with 0
+        "pad_token": spec.tokenizer.get("pad_token", EOS_TOKEN),
     }
     config: dict[str, Any] = {
         "tokenizer_class": "CLIPTokenizer",

@@ -110,11 +110,11 @@ def test_third_party_file_inferred_by_shapes(zoo_cache: Path, tmp_path: Path) ->
 
 
 def test_unrecognised_third_party_file(zoo_cache: Path, tmp_path: Path) -> None:
-    path = _save_without_metadata(tmp_path / "sd21.safetensors", 320, 1024)
+    path = _save_without_metadata(tmp_path / "sdxl.safetensors", 320, 2048)  # not yet a family
     with pytest.raises(UserError) as error:
         resolve(str(path), "safetensors")
     message = _one_line(error)
-    assert "sd21.safetensors" in message and "expected" in message and "context 1024" in message
+    assert "sdxl.safetensors" in message and "expected" in message and "context 2048" in message
 
 
 # --------------------------------------------------------------------------- hub ids

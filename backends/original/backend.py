@@ -30,7 +30,7 @@ from backends.base import TORCH_DTYPES, Backend, Output, Request, Session
 from backends.original.attention import set_attention, xformers_available
 from backends.original.checkpoint import load_latent_diffusion
 from backends.original.controlnet import ActiveControls, ControlledUNet, ControlNet, load_controlnet
-from backends.original.denoiser import CFGDenoiser, DiscreteEpsDenoiser
+from backends.original.denoiser import CFGDenoiser, DiscreteEpsDenoiser, DiscreteVDenoiser
 from backends.original.lora import LoraPatcher, layer_names
 from backends.original.memory import ModuleSwapper, place
 from backends.original.samplers import (
@@ -95,7 +95,7 @@ class OriginalSession(Session):
         if cell.channels_last:
             self.ldm.to(memory_format=torch.channels_last)
         self.swapper: ModuleSwapper | None = place(self.ldm, device, cell.offload)
-        self.lora = LoraPatcher(layer_names(self.ldm.unet, self.ldm.cond_stage_model.transformer))
+        self.lora = LoraPatcher(layer_names(self.ldm.unet, self.ldm.cond_stage_model.encoder))
         self._embedding_files: dict[Path, torch.Tensor] = {}
         #: The trigger words and vectors of the request prepared last.
         self._vectors: dict[str, torch.Tensor] = {}
@@ -108,7 +108,8 @@ class OriginalSession(Session):
         self.controlled = ControlledUNet(eps_model)
         self._controlnets: dict[Path, ControlNet] = {}
         self._dtype = TORCH_DTYPES[cell.dtype]
-        inner = DiscreteEpsDenoiser(self.controlled, self.ldm.alphas_cumprod).to(device)
+        denoiser = DiscreteVDenoiser if self.ldm.parameterization == "v" else DiscreteEpsDenoiser
+        inner = denoiser(self.controlled, self.ldm.alphas_cumprod).to(device)
         self.denoiser = CFGDenoiser(inner)
 
     @torch.no_grad()

@@ -144,7 +144,8 @@ def load_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], so
     """``load_state_dict(strict=True)`` of file tensors into ``model`` (a LatentDiffusion),
     assigning the file's tensors; a mismatch raises a :class:`UserError` naming the keys."""
     cond = getattr(model, "cond_stage_model", None)
-    flat_clip = cond is not None and not hasattr(cond.transformer, "text_model")
+    clip = getattr(cond, "transformer", None)  # SD 1.x; SD 2.x's OpenCLIP has its own names
+    flat_clip = clip is not None and not hasattr(clip, "text_model")
     state = {module_key(k, flat_clip): v for k, v in tensors.items() if not _set_aside(k)}
     expected = model.state_dict()
     missing = sorted(checkpoint_key(k, flat_clip) for k in expected.keys() - state.keys())
@@ -185,7 +186,7 @@ def load_latent_diffusion(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from backends.original.ldm import LatentDiffusion, linear_alphas_cumprod
-    from backends.original.text import FrozenCLIPEmbedder
+    from backends.original.text import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, OpenCLIPText
     from backends.original.unet import UNetConfig, UNetModel
     from backends.original.vae import AutoencoderConfig, AutoencoderKL
     from models.specs import ModelSpec, get_spec
@@ -204,10 +205,20 @@ def load_latent_diffusion(
     tokenizer = CLIPTokenizer.from_pretrained(
         Path(config_dir) / "tokenizer", local_files_only=True, model_max_length=77
     )
-    text_config = CLIPTextConfig(
-        **{k: v for k, v in spec.text_encoder.items() if k not in ("architectures", "model_type")}
-    )
-    cond_stage = FrozenCLIPEmbedder(CLIPTextModel(text_config), tokenizer)
+    cond = ldm["cond_stage"]
+    if cond["kind"] == "openclip":
+        with torch.device("meta"):
+            tower = OpenCLIPText(
+                cond["vocab_size"], cond["width"], cond["layers"], cond["heads"],
+                cond["intermediate"], cond["max_length"],
+            )
+        cond_stage: FrozenCLIPEmbedder = FrozenOpenCLIPEmbedder(tower, tokenizer)
+    else:
+        text_config = CLIPTextConfig(
+            **{k: v for k, v in spec.text_encoder.items()
+               if k not in ("architectures", "model_type")}
+        )
+        cond_stage = FrozenCLIPEmbedder(CLIPTextModel(text_config), tokenizer)
     alphas_cumprod = tensors.get("alphas_cumprod")
     if alphas_cumprod is None:
         alphas_cumprod = linear_alphas_cumprod(
@@ -216,7 +227,10 @@ def load_latent_diffusion(
     with torch.device("meta"):
         unet = UNetModel(UNetConfig.from_ldm(ldm["unet"]))
         first_stage = AutoencoderKL(AutoencoderConfig.from_ldm(ldm["first_stage"]))
-    model = LatentDiffusion(unet, first_stage, cond_stage, ldm["scale_factor"], alphas_cumprod)
+    model = LatentDiffusion(
+        unet, first_stage, cond_stage, ldm["scale_factor"], alphas_cumprod,
+        parameterization=ldm["parameterization"],
+    )
     load_weights(model, tensors, str(path))
     model.requires_grad_(False)
     return model.to(dtype).eval()

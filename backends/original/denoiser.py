@@ -105,6 +105,24 @@ class DiscreteEpsDenoiser(nn.Module):
         return x - self.get_eps(x, sigma, context, image_cond) * sigma[:, None, None, None]
 
 
+class DiscreteVDenoiser(DiscreteEpsDenoiser):
+    """k-diffusion's ``CompVisVDenoiser``: a v-prediction UNet (SD 2.x 768-v) as
+    ``D(x, sigma) = x c_skip + v(x c_in, t(sigma)) c_out`` with ``sigma_data = 1``:
+    ``c_skip = 1 / (sigma^2 + 1)``, ``c_out = -sigma / sqrt(sigma^2 + 1)``,
+    ``c_in = 1 / sqrt(sigma^2 + 1)``."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        context: torch.Tensor,
+        image_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        s = sigma[:, None, None, None]
+        v = self.get_eps(x, sigma, context, image_cond)  # the UNet's output: here, v
+        return x / (s**2 + 1.0) - v * s / (s**2 + 1.0) ** 0.5
+
+
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance around a denoiser; the samplers call ``model(x, sigma, **extra)``
     with ``extra = {"cond": ..., "uncond": ..., "cond_scale": ...}``.

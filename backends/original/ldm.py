@@ -2,9 +2,10 @@
 
 Its ``state_dict()`` keys are the original single-file keys: ``model.diffusion_model.*`` (the
 UNet inside LDM's ``DiffusionWrapper``), ``first_stage_model.*`` (the autoencoder) and
-``cond_stage_model.transformer.*`` (the CLIP text model; see :func:`checkpoint_key` for the
-``text_model.`` prefix). The DDPM schedule buffers of the original (``betas``,
-``alphas_cumprod``, ...) are not parameters here: :attr:`LatentDiffusion.alphas_cumprod` is
+``cond_stage_model.transformer.*`` (the CLIP text model of SD 1.x; see :func:`checkpoint_key`
+for the ``text_model.`` prefix) or ``cond_stage_model.model.*`` (SD 2.x's OpenCLIP text
+tower). The DDPM schedule buffers of the original (``betas``, ``alphas_cumprod``, ...) are not
+parameters here: :attr:`LatentDiffusion.alphas_cumprod` is
 read from the checkpoint when present, else derived from the linear betas of the config.
 """
 
@@ -33,7 +34,8 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    """UNet + autoencoder + text conditioning of an SD 1.x model, with its noise schedule."""
+    """UNet + autoencoder + text conditioning of an SD 1.x / 2.x model, with its noise
+    schedule and what its UNet predicts (``parameterization``)."""
 
     def __init__(
         self,
@@ -42,8 +44,13 @@ class LatentDiffusion(nn.Module):
         cond_stage: FrozenCLIPEmbedder,
         scale_factor: float,
         alphas_cumprod: torch.Tensor,
+        parameterization: str = "eps",
     ) -> None:
         super().__init__()
+        if parameterization not in ("eps", "v"):
+            raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+        #: What the UNet predicts: ``eps`` (SD 1.x, SD 2.x base) or ``v`` (SD 2.x 768-v).
+        self.parameterization = parameterization
         self.model = DiffusionWrapper(unet)
         self.first_stage_model = first_stage
         self.cond_stage_model = cond_stage

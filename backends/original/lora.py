@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -88,15 +88,52 @@ def unet_diffusers_names(unet: nn.Module) -> dict[str, str]:
     return names
 
 
-def layer_names(unet: nn.Module, text_transformer: nn.Module) -> dict[str, nn.Module]:
-    """Every kohya layer name (without ``.lora_*`` suffix) -> the module it patches."""
-    table: dict[str, nn.Module] = {}
+class ProjectionRows:
+    """q, k or v of a ``MultiheadAttention`` (OpenCLIP's ``attn``): its rows of the fused
+    ``in_proj_weight``, as a layer whose ``weight`` a LoRA patches (A1111 patches the three
+    slices of an ``in_proj`` the same way). The view is taken on every access, so it follows
+    the parameter across device moves."""
+
+    def __init__(self, attention: nn.MultiheadAttention, index: int) -> None:
+        self.attention = attention
+        self.index = index
+
+    @property
+    def weight(self) -> torch.Tensor:
+        width = self.attention.embed_dim
+        return self.attention.in_proj_weight[self.index * width : (self.index + 1) * width]
+
+
+#: kohya's CLIP names of an OpenCLIP resblock's layers (``lora_te_text_model_encoder_layers_N_``
+#: + name), as SD 2.x LoRAs are trained on diffusers' ``CLIPTextModel``.
+_OPENCLIP_KOHYA = {"self_attn_out_proj": "attn.out_proj", "mlp_fc1": "mlp.c_fc",
+                   "mlp_fc2": "mlp.c_proj"}
+
+
+def _openclip_layer_names(text: nn.Module) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for index, block in enumerate(text.transformer.resblocks):
+        base = f"{TEXT_PREFIX}text_model_encoder_layers_{index}_"
+        for slot, projection in enumerate("qkv"):
+            table[f"{base}self_attn_{projection}_proj"] = ProjectionRows(block.attn, slot)
+        for name, path in _OPENCLIP_KOHYA.items():
+            table[base + name] = block.get_submodule(path)
+    return table
+
+
+def layer_names(unet: nn.Module, text_transformer: nn.Module) -> dict[str, Any]:
+    """Every kohya layer name (without ``.lora_*`` suffix) -> the layer it patches (a module
+    with a ``weight``, or a :class:`ProjectionRows`)."""
+    table: dict[str, Any] = {}
     diffusers_names = unet_diffusers_names(unet)
     for path, module in unet.named_modules():
         if isinstance(module, nn.Linear | nn.Conv2d):
             table[UNET_PREFIX + path.replace(".", "_")] = module
             if path in diffusers_names:
                 table[UNET_PREFIX + diffusers_names[path].replace(".", "_")] = module
+    if hasattr(text_transformer, "positional_embedding"):  # SD 2.x: OpenCLIP's text tower
+        table.update(_openclip_layer_names(text_transformer))
+        return table
     flat = not hasattr(text_transformer, "text_model")  # transformers >= 5.6
     for path, module in text_transformer.named_modules():
         if isinstance(module, nn.Linear):
@@ -111,10 +148,10 @@ def layer_names(unet: nn.Module, text_transformer: nn.Module) -> dict[str, nn.Mo
 class LoraPatcher:
     """Applies a set of (file, strength) to a model's weights and restores them exactly."""
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, Any]) -> None:
         self.layers = layers
         self.applied: tuple[tuple[Path, float], ...] = ()
-        self._backup: dict[nn.Module, torch.Tensor] = {}
+        self._backup: dict[Any, torch.Tensor] = {}
         self._files: dict[Path, dict[str, LoraLayer]] = {}
 
     def _read(self, path: Path) -> dict[str, LoraLayer]:
@@ -140,7 +177,7 @@ class LoraPatcher:
             return
         files = [(path, self._read(path), strength) for path, strength in wanted]
         self.restore()
-        deltas: dict[nn.Module, torch.Tensor] = {}
+        deltas: dict[Any, torch.Tensor] = {}
         for path, layers, strength in files:
             if strength == 0.0:
                 continue

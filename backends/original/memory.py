@@ -2,7 +2,8 @@
 
 Semantics of A1111's ``lowvram.py``:
 
-- **medvram**: the text encoder (``cond_stage_model.transformer``), the UNet
+- **medvram**: the text encoder (``cond_stage_model.transformer``, SD 2.x's
+  ``cond_stage_model.model``), the UNet
   (``model.diffusion_model``) and the autoencoder (``first_stage_model``) live on the CPU;
   a forward pre-hook on each moves it to the GPU when it is about to run and sends the
   previous occupant back to the CPU, so at most one sub-model is on the GPU at a time.
@@ -72,11 +73,11 @@ def place(model: Any, device: torch.device, offload: str) -> ModuleSwapper | Non
 
     unet = model.model.diffusion_model
     vae = model.first_stage_model
-    text = model.cond_stage_model.transformer
+    text = model.cond_stage_model.encoder
     # Move everything but the swapped parts to the device, as A1111 detaches them first.
     swapped: list[tuple[nn.Module, str]] = [
         (model, "first_stage_model"),
-        (model.cond_stage_model, "transformer"),
+        (model.cond_stage_model, model.cond_stage_model.encoder_attribute),
     ]
     if offload == "medvram":
         swapped.append((model.model, "diffusion_model"))

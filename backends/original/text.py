@@ -1,8 +1,15 @@
 """CLIP text conditioning as the original backend does it.
 
-:class:`FrozenCLIPEmbedder` is LDM's ``cond_stage_model``: a ``transformers.CLIPTextModel``
-under the attribute ``transformer`` (checkpoint keys ``cond_stage_model.transformer.*``) whose
-last hidden state is the UNet's cross-attention context.
+:class:`FrozenCLIPEmbedder` is LDM's ``cond_stage_model`` of SD 1.x: a
+``transformers.CLIPTextModel`` under the attribute ``transformer`` (checkpoint keys
+``cond_stage_model.transformer.*``) whose last hidden state is the UNet's cross-attention
+context. :class:`FrozenOpenCLIPEmbedder` is SD 2.x's (``ldm/modules/encoders/modules.py``):
+OpenCLIP's text tower under ``model`` with OpenCLIP's own parameter names
+(``cond_stage_model.model.token_embedding``, ``positional_embedding``,
+``transformer.resblocks.N.{ln_1, attn.in_proj_weight, attn.out_proj, ln_2, mlp.c_fc,
+mlp.c_proj}``, ``ln_final``, ``text_projection``, ``logit_scale``), run to its penultimate
+resblock and through ``ln_final`` (``layer="penultimate"``). Both share the chunking below
+(A1111's ``FrozenOpenCLIPEmbedderWithCustomWords`` chunks as its CLIP twin does).
 
 Long prompts are handled the way A1111's ``sd_hijack_clip.py`` does: the prompt is tokenised
 without special tokens or truncation, cut into chunks of 75 tokens, each chunk wrapped in
@@ -59,6 +66,9 @@ class FrozenCLIPEmbedder(nn.Module):
     def __init__(self, transformer: nn.Module, tokenizer: Any) -> None:
         super().__init__()
         self.transformer = transformer
+        self._use_tokenizer(tokenizer)
+
+    def _use_tokenizer(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.id_start: int = int(tokenizer.bos_token_id)
         self.id_end: int = int(tokenizer.eos_token_id)
@@ -69,11 +79,29 @@ class FrozenCLIPEmbedder(nn.Module):
     #: (medvram / lowvram move it to this device in a forward pre-hook).
     execution_device: torch.device | None = None
 
+    #: The attribute that holds the text model (its checkpoint prefix).
+    encoder_attribute = "transformer"
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The text model itself (what medvram swaps and LoRAs patch)."""
+        module: nn.Module = getattr(self, self.encoder_attribute)
+        return module
+
+    def token_embedding(self) -> nn.Embedding:
+        """The layer whose output textual inversion overwrites."""
+        embedding: nn.Embedding = self.transformer.get_input_embeddings()
+        return embedding
+
+    def encode_chunk(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, 77]`` ids -> ``[B, 77, hidden]``: the context of one chunk."""
+        return self.transformer(input_ids=ids).last_hidden_state
+
     @property
     def device(self) -> torch.device:
         if self.execution_device is not None:
             return self.execution_device
-        return next(self.transformer.parameters()).device
+        return next(self.encoder.parameters()).device
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -117,7 +145,7 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def _triggers(self, embeddings: Embeddings) -> list[tuple[list[int], torch.Tensor]]:
         """(trigger word's token ids, vectors), longest first so a longer trigger wins."""
-        hidden = self.transformer.get_input_embeddings().embedding_dim
+        hidden = self.token_embedding().embedding_dim
         triggers = []
         for word, vectors in embeddings.items():
             if vectors.ndim != 2 or vectors.shape[1] != hidden or not 0 < len(vectors) <= 75:
@@ -194,7 +222,7 @@ class FrozenCLIPEmbedder(nn.Module):
             ]
             with self._injected(chunk_fixes):
                 ids = tokens[:, start : start + CHUNK_SIZE].to(self.device)
-                hidden.append(self.transformer(input_ids=ids).last_hidden_state)
+                hidden.append(self.encode_chunk(ids))
         return torch.cat(hidden, dim=1)
 
     @contextmanager
@@ -212,7 +240,7 @@ class FrozenCLIPEmbedder(nn.Module):
                     output[row, position : position + len(rows)] = rows
             return output
 
-        handle = self.transformer.get_input_embeddings().register_forward_hook(replace)
+        handle = self.token_embedding().register_forward_hook(replace)
         try:
             yield
         finally:
@@ -235,3 +263,77 @@ class FrozenCLIPEmbedder(nn.Module):
         if uncond[0].shape[1] > cond[0].shape[1]:
             cond = self.tokens_and_fixes(prompts, uncond[0].shape[1] // CHUNK_SIZE, embeddings)
         return self.encode_tokens(*cond), self.encode_tokens(*uncond)
+
+
+# --- SD 2.x: OpenCLIP's text tower ----------------------------------------------------------
+
+
+class ResidualAttentionBlock(nn.Module):
+    """OpenCLIP's transformer block: pre-norm multi-head attention and a GELU MLP."""
+
+    def __init__(self, width: int, heads: int, inner: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, inner))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(inner, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, inner: int) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, inner) for _ in range(layers)
+        )
+
+
+class OpenCLIPText(nn.Module):
+    """The text half of an OpenCLIP model, with its parameter names."""
+
+    def __init__(
+        self, vocab_size: int, width: int, layers: int, heads: int, inner: int, context: int
+    ) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context, width))
+        self.transformer = OpenCLIPTransformer(width, layers, heads, inner)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, width))
+        self.logit_scale = nn.Parameter(torch.empty(()))
+
+    def forward(self, ids: torch.Tensor, skip_last: int = 1) -> torch.Tensor:
+        """The hidden states after all but the last ``skip_last`` resblocks, through
+        ``ln_final`` (``skip_last=1``: SD 2.x's penultimate layer)."""
+        x = self.token_embedding(ids) + self.positional_embedding.to(self.token_embedding.weight)
+        length = ids.shape[1]
+        mask = torch.full((length, length), float("-inf"), device=x.device).triu(1).to(x.dtype)
+        blocks = self.transformer.resblocks
+        for block in list(blocks)[: len(blocks) - skip_last]:
+            x = block(x, mask)
+        return self.ln_final(x)
+
+
+class FrozenOpenCLIPEmbedder(FrozenCLIPEmbedder):
+    """SD 2.x's ``cond_stage_model``: tokenizer + ``model`` (OpenCLIP's text tower), the
+    penultimate layer's states through ``ln_final`` as the context."""
+
+    def __init__(self, model: OpenCLIPText, tokenizer: Any) -> None:
+        nn.Module.__init__(self)
+        self.model = model
+        self._use_tokenizer(tokenizer)
+
+    encoder_attribute = "model"
+
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def encode_chunk(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, skip_last=1)

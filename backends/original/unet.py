@@ -40,6 +40,8 @@ class UNetConfig:
     num_res_blocks: int = 2
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_heads: int = 8
+    #: SD 2.x: heads of this many channels at every level (``num_heads`` is then -1).
+    num_head_channels: int = -1
     transformer_depth: int = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False
@@ -55,6 +57,7 @@ class UNetConfig:
             num_res_blocks=int(params["num_res_blocks"]),
             channel_mult=tuple(params["channel_mult"]),
             num_heads=int(params["num_heads"]),
+            num_head_channels=int(params.get("num_head_channels", -1)),
             transformer_depth=int(params.get("transformer_depth", 1)),
             context_dim=int(params["context_dim"]),
             use_linear_in_transformer=bool(params.get("use_linear_in_transformer", False)),
@@ -273,10 +276,11 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 def _transformer(config: UNetConfig, ch: int) -> SpatialTransformer:
+    heads = config.num_heads if config.num_head_channels == -1 else ch // config.num_head_channels
     return SpatialTransformer(
         ch,
-        config.num_heads,
-        ch // config.num_heads,
+        heads,
+        ch // heads,
         config.transformer_depth,
         config.context_dim,
         config.use_linear_in_transformer,
