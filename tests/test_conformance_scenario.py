@@ -93,7 +93,6 @@ def test_parity_where_both_backends_compute_the_same(results: dict[str, Result])
                     "diffusers-tiny-txt2img-euler-lora-style@0.5+detail@1.0",
                     "diffusers-tiny-txt2img-euler-embedding-sbstyle+sbmulti",
                     "diffusers-tiny-sd21-txt2img-euler", "diffusers-tiny-sd21-img2img-euler-str0.5",
-                    "diffusers-tiny-sd21-inpaint-euler-str1-mask-center",
                     "diffusers-tiny-sd21-hires-euler-str0.5-x2-latent",
                     "diffusers-tiny-sd21-txt2img-euler-embedding-sbstyle"):
         metrics = results[cell_id].metrics
