@@ -240,26 +240,18 @@ def openclip_text_to_original(
     position embedding a bare ``positional_embedding`` tensor; plus what the release carries
     and the penultimate-layer conditioning never reads — OpenCLIP's last resblock,
     ``text_projection`` and ``logit_scale`` — drawn by :func:`openclip_unused_tensors`."""
-    plain = {key.removeprefix("text_model."): value for key, value in state.items()}
-    out: dict[str, torch.Tensor] = {
-        "token_embedding.weight": plain.pop("embeddings.token_embedding.weight"),
-        "positional_embedding": plain.pop("embeddings.position_embedding.weight"),
-        "ln_final.weight": plain.pop("final_layer_norm.weight"),
-        "ln_final.bias": plain.pop("final_layer_norm.bias"),
-    }
-    for layer in range(int(spec.text_encoder["num_hidden_layers"])):
-        hf, oc = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
-        for kind in ("weight", "bias"):
-            out[f"{oc}attn.in_proj_{kind}"] = torch.cat(
-                [plain.pop(f"{hf}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
-            )
-            for hf_name, oc_name in _OPENCLIP_LAYER.items():
-                out[f"{oc}{oc_name}.{kind}"] = plain.pop(f"{hf}{hf_name}.{kind}")
-    if plain:
-        raise AssertionError(f"text encoder keys without an OpenCLIP name: {sorted(plain)[:4]}")
-    first = out["token_embedding.weight"]
-    out.update(openclip_unused_tensors(spec, first.dtype))
-    return {OPENCLIP_PREFIX + key: value for key, value in out.items()}
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for (_component, key), slot in _openclip_slots(state, spec).items():  # one name map
+        if slot.rows is None:
+            out[slot.key] = state[key]
+        else:
+            fused.setdefault(slot.key, []).append((slot.rows[0], state[key]))
+    for key, parts in fused.items():  # q, k, v in the order of their rows
+        out[key] = torch.cat([value for _start, value in sorted(parts, key=lambda p: p[0])])
+    dtype = next(iter(state.values())).dtype
+    unused = openclip_unused_tensors(spec, dtype)
+    return out | {OPENCLIP_PREFIX + key: value for key, value in unused.items()}
 
 
 def openclip_unused_tensors(spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:

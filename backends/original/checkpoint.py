@@ -82,14 +82,16 @@ def read_checkpoint(
         spec = json.loads(metadata[SPEC_KEY]) if SPEC_KEY in metadata else None
         return tensors, spec
     if suffix == ".ckpt":
-        tensors, spec = _read_pickle(path)
+        tensors, spec = read_pickle(path)
         for key in list(tensors):
             tensors[key] = _cast(key, tensors[key], dtype)
         return tensors, spec
     raise UserError(f"checkpoint {path} must end in .safetensors or .ckpt, got {suffix!r}")
 
 
-def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """A pickled checkpoint's tensors (top level or under ``state_dict``) and its zoo spec,
+    read with ``torch.load(weights_only=True)`` only."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

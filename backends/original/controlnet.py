@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from backends.original.checkpoint import read_checkpoint, read_pickle
 from backends.original.unet import (
     TimestepEmbedSequential,
     UNetConfig,
@@ -108,20 +109,16 @@ def read_controlnet_state(path: Path) -> dict[str, torch.Tensor]:
             f"controlnet '{path}': a diffusers folder; the original backend reads the original "
             "single file (control_model.*, .safetensors or .pth)"
         )
-    try:
+    if not path.is_file():
+        raise UserError(f"controlnet '{path}': no such file")
+    try:  # safetensors, or a .pth / .ckpt pickle with weights_only (refused if it needs more)
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+            state, _spec = read_checkpoint(path)
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            found = data.get("state_dict", data) if isinstance(data, dict) else None
-            if not isinstance(found, dict):
-                raise ValueError(f"expected a dict of tensors, found {type(data).__name__}")
-            state = found
-    except FileNotFoundError:
-        raise UserError(f"controlnet '{path}': no such file") from None
-    except Exception as error:  # noqa: BLE001 - safetensors / pickle raise their own types
+            state, _spec = read_pickle(path)
+    except UserError as error:
+        raise UserError(f"controlnet '{path}': {error}") from None
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types
         raise UserError(f"controlnet '{path}': not a readable ControlNet file ({error})") from None
     if any(key.startswith(CONTROL_PREFIX) for key in state):
         state = {
@@ -174,6 +171,10 @@ class ActiveControls:
     #: Called around each net's forward: ``timer(True)`` before, ``timer(False)`` after.
     timer: Any = None
     batch: int = field(init=False)
+    #: (net, rows) -> its hint repeated to a UNet call's rows (the CFG batch), built once.
+    _repeated: dict[tuple[int, int], torch.Tensor] = field(
+        init=False, default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in CONTROL_MODES:
@@ -193,6 +194,14 @@ class ActiveControls:
             return [1.0] * count
         return [SOFT_INJECTION ** float(count - 1 - i) for i in range(count)]
 
+    def _hint(self, index: int, rows: int) -> torch.Tensor:
+        hint = self.hints[index]
+        if rows == hint.shape[0]:
+            return hint
+        if (index, rows) not in self._repeated:
+            self._repeated[(index, rows)] = torch.cat([hint] * (rows // hint.shape[0]))
+        return self._repeated[(index, rows)]
+
     def residuals(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
     ) -> list[torch.Tensor] | None:
@@ -203,10 +212,10 @@ class ActiveControls:
         cond_only = self.mode == "controlnet" and guided
         rows = self.batch if cond_only else x.shape[0]
         total: list[torch.Tensor] | None = None
-        for net, hint, scale in zip(self.nets, self.hints, self.scales, strict=True):
+        for index, (net, scale) in enumerate(zip(self.nets, self.scales, strict=True)):
             if self.timer is not None:
                 self.timer(True)
-            hint_in = hint if rows == hint.shape[0] else torch.cat([hint] * (rows // hint.shape[0]))
+            hint_in = self._hint(index, rows)
             latents = x[:rows, : net.config.in_channels]  # not a 9-channel UNet's extra inputs
             outs = net(latents, hint_in, timesteps[:rows], context[:rows])
             if self.timer is not None:

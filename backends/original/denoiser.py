@@ -102,7 +102,11 @@ class DiscreteEpsDenoiser(nn.Module):
         context: torch.Tensor,
         image_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return x - self.get_eps(x, sigma, context, image_cond) * sigma[:, None, None, None]
+        return self.denoised(x, sigma, self.get_eps(x, sigma, context, image_cond))
+
+    def denoised(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The clean latent from the UNet's output ``out`` (eps): ``x - sigma eps``."""
+        return x - out * sigma[:, None, None, None]
 
 
 class DiscreteVDenoiser(DiscreteEpsDenoiser):
@@ -111,16 +115,10 @@ class DiscreteVDenoiser(DiscreteEpsDenoiser):
     ``c_skip = 1 / (sigma^2 + 1)``, ``c_out = -sigma / sqrt(sigma^2 + 1)``,
     ``c_in = 1 / sqrt(sigma^2 + 1)``."""
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        context: torch.Tensor,
-        image_cond: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def denoised(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The clean latent from the UNet's output ``out`` (here v)."""
         s = sigma[:, None, None, None]
-        v = self.get_eps(x, sigma, context, image_cond)  # the UNet's output: here, v
-        return x / (s**2 + 1.0) - v * s / (s**2 + 1.0) ** 0.5
+        return x / (s**2 + 1.0) - out * s / (s**2 + 1.0) ** 0.5
 
 
 class CFGDenoiser(nn.Module):
