@@ -25,6 +25,12 @@ if TYPE_CHECKING:
     from harness.measure import GenerationTimer
     from models.sources import ResolvedModel
 
+#: Why a ControlNet cell on an SDXL model is ``unsupported`` on every backend.
+SDXL_CONTROLNET_UNSUPPORTED = (
+    "ControlNet with an SDXL model: the zoo's ControlNets are SD 1.x / 2.x nets and SDXL "
+    "ControlNets are not wired"
+)
+
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
@@ -115,12 +121,13 @@ class EmbeddingRef:
     """A textual-inversion embedding whose trigger word is ``token``.
 
     Either ``path`` (an A1111 ``.pt`` / ``.safetensors`` file, loaded by the backend's own
-    loader) or ``vectors`` (``[n_vectors, hidden]``, the same vectors put in by hand).
+    loader) or ``vectors`` (``[n_vectors, hidden]``, the same vectors put in by hand; for
+    SDXL a dict of each text encoder's, ``clip_l`` and ``clip_g``).
     """
 
     token: str
     path: Path | None = None
-    vectors: torch.Tensor | None = None
+    vectors: torch.Tensor | dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

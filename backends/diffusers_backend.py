@@ -109,6 +109,7 @@ import numpy as np
 import torch
 
 from backends.base import (
+    SDXL_CONTROLNET_UNSUPPORTED,
     TORCH_DTYPES,
     Backend,
     ControlRef,
@@ -152,6 +153,46 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "unipc": ("UniPCMultistepScheduler", {}, False),
 }
 _NO_KARRAS = {"EulerAncestralDiscreteScheduler", "DDIMScheduler"}
+
+
+#: Pipeline class names per family (:data:`models.specs.FAMILIES`) and workflow; SD 1.x and
+#: SD 2.x share theirs.
+PIPELINES: dict[str, dict[str, str]] = {
+    "sd": {
+        "txt2img": "StableDiffusionPipeline",
+        "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline",
+    },
+    "sdxl": {
+        "txt2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+    },
+}
+
+
+def pipeline_class(family: str, workflow: str) -> Any:
+    """The diffusers pipeline class of ``workflow`` for a model of ``family``."""
+    import diffusers
+
+    return getattr(diffusers, PIPELINES["sdxl" if family == "sdxl" else "sd"][workflow])
+
+
+def model_family(model: ResolvedModel) -> str:
+    """The family of a resolved model: its zoo spec's, else (a hub folder of a model the zoo
+    does not know) SDXL when its ``model_index.json`` names an SDXL pipeline."""
+    from models.specs import SPECS
+
+    spec = SPECS.get(model.spec_name or "")
+    if spec is not None:
+        return spec.family
+    index = model.path / "model_index.json" if model.path.is_dir() else None
+    if index is not None and index.is_file():
+        import json
+
+        if "XL" in str(json.loads(index.read_text()).get("_class_name", "")):
+            return "sdxl"
+    return "sd1"
 
 
 def sampler_problem(sampler: str) -> str | None:
@@ -249,8 +290,11 @@ class DiffusersSession(Session):
         device: torch.device,
         dtype: torch.dtype,
         offload: str = "none",
+        family: str = "sd1",
     ) -> None:
         self.pipe = pipe
+        #: :data:`models.specs.FAMILIES`: picks the pipelines (SDXL's for ``sdxl``).
+        self.family = family
         self.device = device
         self.dtype = dtype
         self.offload = offload
@@ -323,6 +367,8 @@ class DiffusersSession(Session):
             StableDiffusionControlNetPipeline,
         )
 
+        if self.family == "sdxl":
+            raise UnsupportedError(SDXL_CONTROLNET_UNSUPPORTED)
         nets = tuple(self._controlnet(ref) for ref in controls)
         key = (kind, tuple(ref.folder or ref.source for ref in controls))
         pipe = self._control_pipes.get(key)
@@ -380,14 +426,8 @@ class DiffusersSession(Session):
             return self.pipe
         pipe = self._workflow_pipes.get(kind)
         if pipe is None:
-            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-
-            pipeline_class = {
-                "img2img": StableDiffusionImg2ImgPipeline,
-                "inpaint": StableDiffusionInpaintPipeline,
-            }[kind]
             # dtype: from_pipe casts the (shared!) components to it, float32 by default.
-            pipe = pipeline_class.from_pipe(self.pipe, dtype=self.dtype)
+            pipe = pipeline_class(self.family, kind).from_pipe(self.pipe, dtype=self.dtype)
             pipe.set_progress_bar_config(disable=True)
             if self.offload == "medvram":
                 # Re-hooks the shared components for this pipeline, so that its calls end
@@ -416,6 +456,7 @@ class DiffusersSession(Session):
         from diffusers import (
             StableDiffusionControlNetInpaintPipeline,
             StableDiffusionInpaintPipeline,
+            StableDiffusionXLInpaintPipeline,
         )
 
         def img2img_latents(
@@ -426,6 +467,7 @@ class DiffusersSession(Session):
             dtype: torch.dtype,
             device: torch.device,
             generator: Any = None,
+            add_noise: bool = True,  # SDXL's; always True here (no denoising_start)
         ) -> torch.Tensor:
             batch = batch_size * num_images_per_prompt
             init = _batched(image.to(device=device, dtype=dtype), batch)
@@ -444,6 +486,7 @@ class DiffusersSession(Session):
             image: torch.Tensor | None = None,
             timestep: torch.Tensor | None = None,
             is_strength_max: bool = True,
+            add_noise: bool = True,  # SDXL's; always True here (no denoising_start)
             return_noise: bool = False,
             return_image_latents: bool = False,
         ) -> tuple[torch.Tensor, ...]:
@@ -465,7 +508,9 @@ class DiffusersSession(Session):
             return outputs
 
         controlnet_inpaint = isinstance(pipe, StableDiffusionControlNetInpaintPipeline)
-        inpaint = controlnet_inpaint or isinstance(pipe, StableDiffusionInpaintPipeline)
+        inpaint = controlnet_inpaint or isinstance(
+            pipe, StableDiffusionInpaintPipeline | StableDiffusionXLInpaintPipeline
+        )
         pipe.prepare_latents = inpaint_latents if inpaint else img2img_latents
         if controlnet_inpaint:
             pipe._encode_vae_image = lambda image, generator=None: self._vae_encode(image)
@@ -537,13 +582,14 @@ class DiffusersSession(Session):
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
 
         with timer.phase("encode"):
-            prompt_embeds, negative_embeds = pipe.encode_prompt(
+            embeds = pipe.encode_prompt(
                 request.prompt,
-                device,
+                device=device,
                 num_images_per_prompt=request.batch,
                 do_classifier_free_guidance=cfg,
                 negative_prompt=request.negative_prompt or None,
             )
+            prompt_embeds, negative_embeds = embeds[0], embeds[1]
             encoded = self._encode_inputs(request, device, prompt_embeds.dtype)
 
         sigmas = request.extra.get("sigmas")
@@ -555,6 +601,9 @@ class DiffusersSession(Session):
             "guidance_scale": request.guidance,
             "generator": generator,
         }
+        if self.family == "sdxl":  # SDXL's pooled text (an empty negative: zeros, as A1111)
+            common["pooled_prompt_embeds"] = embeds[2]
+            common["negative_pooled_prompt_embeds"] = embeds[3] if cfg else None
         common.update(self._control_kwargs(request, request.workflow))
         total_steps = request.steps if sigmas is None else len(sigmas)
         self._timer = timer
@@ -826,8 +875,8 @@ class DiffusersBackend(Backend):
             getattr(diffusers, name)  # diffusers imports its classes on first access
 
     def load(self, cell: Cell, model: ResolvedModel, device: torch.device) -> Session:
-        from diffusers import StableDiffusionPipeline
-
+        family = model_family(model)
+        pipeline = pipeline_class(family, "txt2img")
         dtype = TORCH_DTYPES[cell.dtype]
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -838,9 +887,9 @@ class DiffusersBackend(Backend):
         common: dict[str, Any] = {
             "dtype": dtype,
             "local_files_only": True,
-            "safety_checker": None,
-            "requires_safety_checker": False,
         }
+        if family != "sdxl":  # SDXL's pipelines have no safety checker
+            common |= {"safety_checker": None, "requires_safety_checker": False}
         if model.is_single_file:
             if model.config_dir is None:
                 raise UserError(
@@ -848,7 +897,7 @@ class DiffusersBackend(Backend):
                     "the diffusers backend needs the architecture's configs"
                 )
             try:
-                pipe = StableDiffusionPipeline.from_single_file(
+                pipe = pipeline.from_single_file(
                     str(model.path), config=str(model.config_dir), **common
                 )
             except (RuntimeError, ValueError, NotImplementedError) as error:
@@ -859,10 +908,10 @@ class DiffusersBackend(Backend):
                     f"configured architecture: {_component_report(str(model.path))}"
                 ) from error
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(str(model.path), **common)
+            pipe = pipeline.from_pretrained(str(model.path), **common)
         pipe.set_progress_bar_config(disable=True)
         self._configure(pipe, cell, device)
-        return DiffusersSession(pipe, device, dtype, cell.offload)
+        return DiffusersSession(pipe, device, dtype, cell.offload, family)
 
     @staticmethod
     def _configure(pipe: StableDiffusionPipeline, cell: Cell, device: torch.device) -> None:

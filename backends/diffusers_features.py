@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -75,25 +75,44 @@ def lora_adapter_name(path: Path) -> str:
     return f"{stem}_{digest}"
 
 
-def kohya_module_names(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> set[str]:
-    """The kohya names (``lora_unet_…`` / ``lora_te_text_model_…``) of the modules a LoRA
-    can adapt: Linear and Conv2d layers, diffusers module path with ``.`` → ``_``.
+def _text_encoders(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+    """(kohya prefix, text encoder) of a pipeline: ``lora_te_``; SDXL's ``lora_te1_`` and
+    ``lora_te2_``. transformers ≥ 5.6 flattened ``CLIPTextModel`` (no ``text_model.``
+    level), while kohya files name its modules ``text_model_…`` either way."""
+    encoders = [pipe.text_encoder]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders.append(pipe.text_encoder_2)
+    prefixes = ["lora_te_"] if len(encoders) == 1 else ["lora_te1_", "lora_te2_"]
+    return [
+        (prefix if hasattr(encoder, "text_model") else prefix + "text_model_", encoder)
+        for prefix, encoder in zip(prefixes, encoders, strict=True)
+    ]
 
-    transformers ≥ 5.6 flattened ``CLIPTextModel`` (no ``text_model.`` level), while kohya
-    files name its modules ``text_model_…`` either way.
-    """
+
+def kohya_module_names(pipe: Any) -> dict[str, str]:
+    """The kohya names (``lora_unet_…`` / ``lora_te_text_model_…``) of the modules a LoRA
+    can adapt — Linear and Conv2d layers, diffusers module path with ``.`` → ``_`` — each
+    mapped to itself; and for SDXL also the UNet's sgm names (``lora_unet_input_blocks_…``,
+    what kohya's SDXL training writes), mapped to the diffusers name of the same module."""
+    from models.convert import unet_prefix_map, unet_to_original_key
+
     adaptable = (torch.nn.Linear, torch.nn.Conv2d)
-    names = {
-        "lora_unet_" + name.replace(".", "_")
-        for name, module in unet.named_modules()
-        if isinstance(module, adaptable)
-    }
-    text_prefix = "lora_te_" if hasattr(text_encoder, "text_model") else "lora_te_text_model_"
-    names.update(
-        text_prefix + name.replace(".", "_")
-        for name, module in text_encoder.named_modules()
-        if isinstance(module, adaptable)
-    )
+    unet = pipe.unet
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    prefixes = unet_prefix_map(dict(unet.config)) if sdxl else None
+    names: dict[str, str] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, adaptable):
+            canonical = "lora_unet_" + name.replace(".", "_")
+            names[canonical] = canonical
+            if prefixes is not None:
+                original = unet_to_original_key(name + ".weight", prefixes)
+                names["lora_unet_" + original.removesuffix(".weight").replace(".", "_")] = (
+                    canonical)
+    for prefix, encoder in _text_encoders(pipe):
+        for name, module in encoder.named_modules():
+            if isinstance(module, adaptable):
+                names[prefix + name.replace(".", "_")] = prefix + name.replace(".", "_")
     return names
 
 
@@ -133,8 +152,13 @@ def _source_key(ref: EmbeddingRef) -> str:
         return f"file:{Path(ref.path).expanduser().resolve()}"
     if ref.vectors is None:
         raise ValueError(f"embedding {ref.token!r}: neither path nor vectors given")
-    data = ref.vectors.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return f"vectors:{tuple(ref.vectors.shape)}:{hashlib.sha1(data).hexdigest()}"
+    parts = ref.vectors if isinstance(ref.vectors, dict) else {"": ref.vectors}
+    digest = hashlib.sha1()
+    for key in sorted(parts):
+        digest.update(key.encode())
+        digest.update(parts[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    shapes = {key: tuple(value.shape) for key, value in parts.items()}
+    return f"vectors:{shapes}:{digest.hexdigest()}"
 
 
 class LoraAdapters:
@@ -144,8 +168,9 @@ class LoraAdapters:
         self.pipe = pipe
         #: LoRA file (absolute) -> adapter name.
         self.files: dict[Path, str] = {}
-        #: kohya names of the modules a LoRA can adapt (computed on first use).
-        self.kohya_names: set[str] | None = None
+        #: kohya name of each module a LoRA can adapt -> its diffusers-path kohya name
+        #: (computed on first use).
+        self.kohya_names: dict[str, str] | None = None
 
     def apply(self, loras: tuple[LoraRef, ...]) -> None:
         """Load the request's LoRA files (once per session) and activate them at their
@@ -221,24 +246,23 @@ class LoraAdapters:
                 f"{_few(others)}"
             )
         if self.kohya_names is None:
-            self.kohya_names = kohya_module_names(self.pipe.unet, self.pipe.text_encoder)
+            self.kohya_names = kohya_module_names(self.pipe)
         names = {key.split(".", 1)[0] for key in kohya}
-        unknown = names - self.kohya_names
+        unknown = names - self.kohya_names.keys()
         if unknown:
             bad_keys = [key for key in kohya if key.split(".", 1)[0] in unknown]
             raise UserError(
                 f"LoRA '{path}': {len(unknown)} of its {len(names)} modules name nothing in "
                 f"this model: {_few(bad_keys)}"
             )
-        return names
+        return {self.kohya_names[name] for name in names}
 
     def _wrapped_modules(self, adapter: str) -> set[str]:
-        """kohya names of the modules that carry ``adapter`` after loading."""
-        text_encoder = self.pipe.text_encoder
-        text_prefix = "lora_te_" if hasattr(text_encoder, "text_model") else "lora_te_text_model_"
-        return _kohya_wrapped(self.pipe.unet, adapter, "lora_unet_") | _kohya_wrapped(
-            text_encoder, adapter, text_prefix
-        )
+        """kohya names (diffusers paths) of the modules that carry ``adapter`` after loading."""
+        wrapped = _kohya_wrapped(self.pipe.unet, adapter, "lora_unet_")
+        for prefix, encoder in _text_encoders(self.pipe):
+            wrapped |= _kohya_wrapped(encoder, adapter, prefix)
+        return wrapped
 
     def _drop_adapter(self, name: str) -> None:
         loaded = {n for names in self.pipe.get_list_adapters().values() for n in names}
@@ -266,31 +290,64 @@ class TextualInversions:
         for token, (source, added) in list(self.loaded.items()):
             ref = wanted.get(token)
             if (ref is None and token in text) or (ref is not None and _source_key(ref) != source):
-                self.pipe.unload_textual_inversion(tokens=added)
+                for text_encoder, tokenizer, _key in self._encoders():
+                    self.pipe.unload_textual_inversion(
+                        tokens=added, tokenizer=tokenizer, text_encoder=text_encoder
+                    )
                 del self.loaded[token]
         for ref in request.embeddings:
             if ref.token not in self.loaded:
                 self._load_embedding(ref)
 
+    def _encoders(self) -> list[tuple[Any, Any, str | None]]:
+        """(text encoder, tokenizer, the SDXL file's key of its vectors) of the pipeline."""
+        pipe = self.pipe
+        if getattr(pipe, "text_encoder_2", None) is None:
+            return [(pipe.text_encoder, pipe.tokenizer, None)]
+        return [(pipe.text_encoder, pipe.tokenizer, "clip_l"),
+                (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")]
+
     def _load_embedding(self, ref: EmbeddingRef) -> None:
+        from models import read_embedding
+
         pipe = self.pipe
         source = _source_key(ref)
+        encoders = self._encoders()
         if ref.path is not None:
             path = Path(ref.path)
             if not path.is_file():
                 raise UserError(f"embedding '{path}': no such file")
-            try:
-                pipe.load_textual_inversion(str(path), token=ref.token, local_files_only=True)
-            except Exception as error:  # noqa: BLE001 - torch / safetensors / diffusers errors
-                first = (str(error).strip().splitlines() or [""])[0][:200]
-                raise UserError(
-                    f"embedding '{path}': cannot be loaded, truncated or not an A1111 "
-                    f"embedding ({type(error).__name__}: {first})"
-                ) from error
+            if len(encoders) == 1:
+                try:
+                    pipe.load_textual_inversion(str(path), token=ref.token, local_files_only=True)
+                except Exception as error:  # noqa: BLE001 - torch / safetensors / diffusers
+                    first = (str(error).strip().splitlines() or [""])[0][:200]
+                    raise UserError(
+                        f"embedding '{path}': cannot be loaded, truncated or not an A1111 "
+                        f"embedding ({type(error).__name__}: {first})"
+                    ) from error
+                vectors = None
+            else:  # SDXL: diffusers loads one encoder's tensor at a time (its docs' recipe)
+                vectors = read_embedding(path)[1]
         else:
             assert ref.vectors is not None
-            vectors = ref.vectors.detach().to("cpu")
-            pipe.load_textual_inversion(vectors.reshape(-1, vectors.shape[-1]), token=ref.token)
+            vectors = ref.vectors
+        if vectors is not None:
+            if isinstance(vectors, dict) != (len(encoders) == 2):
+                what = "an SDXL embedding (clip_l, clip_g)" if isinstance(vectors, dict) else (
+                    "one tensor")
+                raise UserError(
+                    f"embedding {ref.token!r}: {what} for a model with {len(encoders)} text "
+                    "encoder(s)"
+                )
+            for text_encoder, tokenizer, key in encoders:
+                part = vectors[key] if isinstance(vectors, dict) and key else vectors
+                assert isinstance(part, torch.Tensor)
+                part = part.detach().to("cpu")
+                pipe.load_textual_inversion(
+                    part.reshape(-1, part.shape[-1]), token=ref.token,
+                    text_encoder=text_encoder, tokenizer=tokenizer,
+                )
         added = [ref.token]
         vocabulary = pipe.tokenizer.get_vocab()
         while f"{ref.token}_{len(added)}" in vocabulary:

@@ -37,6 +37,10 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 #: SD 2.x: OpenCLIP's text tower (``FrozenOpenCLIPEmbedder.model``).
 OPENCLIP_PREFIX = "cond_stage_model.model."
+#: SDXL: sgm's ``GeneralConditioner``: CLIP ViT-L (``embedders.0``), OpenCLIP bigG
+#: (``embedders.1``).
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 SINGLE_FILE_SUFFIXES = {".safetensors": "safetensors", ".ckpt": "ckpt"}
 
 # diffusers name → LDM name of the sub-modules of one resnet block.
@@ -71,6 +75,8 @@ def unet_prefix_map(config: dict[str, Any]) -> PrefixMap:
     pairs: PrefixMap = [
         ("time_embedding.linear_1", "time_embed.0", {}),
         ("time_embedding.linear_2", "time_embed.2", {}),
+        ("add_embedding.linear_1", "label_emb.0.0", {}),  # SDXL's adm vector MLP
+        ("add_embedding.linear_2", "label_emb.0.2", {}),
         ("conv_in", "input_blocks.0.0", {}),
         ("conv_norm_out", "out.0", {}),
         ("conv_out", "out.2", {}),
@@ -179,6 +185,12 @@ def _rename(key: str, prefixes: PrefixMap) -> str:
     return f"{ldm_prefix}.{rest}"
 
 
+def unet_to_original_key(key: str, prefixes: PrefixMap) -> str:
+    """The original name (without ``model.diffusion_model.``) of a diffusers UNet key, under
+    :func:`unet_prefix_map`'s ``prefixes``."""
+    return _rename(key, prefixes)
+
+
 def _convert(
     state: dict[str, torch.Tensor], prefixes: PrefixMap, out_prefix: str
 ) -> dict[str, torch.Tensor]:
@@ -210,14 +222,17 @@ def vae_to_original(
     return converted
 
 
-def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` state dict under ``cond_stage_model.transformer.*``.
+def text_encoder_to_original(
+    state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict under ``cond_stage_model.transformer.*``
+    (SDXL: ``prefix`` :data:`SDXL_CLIP_PREFIX`).
 
     transformers ≥ 5.6 has no ``text_model.`` prefix; the original layout (and diffusers'
     detection of the CLIP weights in a single file) needs it, so it is added when absent.
     """
     return {
-        CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): value
+        prefix + (key if key.startswith("text_model.") else "text_model." + key): value
         for key, value in state.items()
     }
 
@@ -232,33 +247,48 @@ _OPENCLIP_LAYER = {
 }
 
 
+def openclip_component(spec: ModelSpec) -> str:
+    """The component that is OpenCLIP's text tower: SD 2.x's ``text_encoder``, SDXL's
+    ``text_encoder_2``."""
+    return "text_encoder_2" if spec.family == "sdxl" else "text_encoder"
+
+
+def openclip_prefix(spec: ModelSpec) -> str:
+    """Where OpenCLIP's text tower lives in ``spec``'s single file."""
+    return SDXL_OPENCLIP_PREFIX if spec.family == "sdxl" else OPENCLIP_PREFIX
+
+
 def openclip_text_to_original(
     state: dict[str, torch.Tensor], spec: ModelSpec
 ) -> dict[str, torch.Tensor]:
-    """A ``CLIPTextModel`` state dict of an SD 2.x spec in OpenCLIP's layout
-    (``cond_stage_model.model.*``): q/k/v fused into ``attn.in_proj_weight`` / ``_bias``, the
-    position embedding a bare ``positional_embedding`` tensor; plus what the release carries
-    and the penultimate-layer conditioning never reads — OpenCLIP's last resblock,
-    ``text_projection`` and ``logit_scale`` — drawn by :func:`openclip_unused_tensors`."""
+    """The OpenCLIP text tower's state dict (SD 2.x's ``CLIPTextModel``, SDXL's
+    ``CLIPTextModelWithProjection``) in OpenCLIP's layout (``cond_stage_model.model.*``,
+    SDXL ``conditioner.embedders.1.model.*``): q/k/v fused into ``attn.in_proj_weight`` /
+    ``_bias``, the position embedding a bare ``positional_embedding`` tensor, SDXL's
+    projection the transposed ``text_projection``; plus what the release carries and the
+    conditioning never reads, drawn by :func:`openclip_unused_tensors`."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for (_component, key), slot in _openclip_slots(state, spec).items():  # one name map
         if slot.rows is None:
-            out[slot.key] = state[key]
+            out[slot.key] = state[key].T if slot.transposed else state[key]
         else:
             fused.setdefault(slot.key, []).append((slot.rows[0], state[key]))
     for key, parts in fused.items():  # q, k, v in the order of their rows
         out[key] = torch.cat([value for _start, value in sorted(parts, key=lambda p: p[0])])
     dtype = next(iter(state.values())).dtype
     unused = openclip_unused_tensors(spec, dtype)
-    return out | {OPENCLIP_PREFIX + key: value for key, value in unused.items()}
+    return out | {openclip_prefix(spec) + key: value for key, value in unused.items()}
 
 
 def openclip_unused_tensors(spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """OpenCLIP's last resblock, ``text_projection`` and ``logit_scale`` for ``spec``'s
-    single file, seeded as every zoo tensor (:mod:`models.synth`'s scales)."""
+    """What ``spec``'s single file holds of OpenCLIP beyond its hub folder, seeded as every zoo
+    tensor (:mod:`models.synth`'s scales): ``logit_scale``; for SD 2.x also the last resblock
+    and ``text_projection`` (the penultimate-layer conditioning never runs them)."""
     from .synth import BIAS_STD, GAIN, NORM_STD, seeded_normal
 
+    if spec.family == "sdxl":
+        return {"logit_scale": torch.tensor(4.6052).to(dtype)}
     width = int(spec.text_encoder["hidden_size"])
     inner = int(spec.text_encoder["intermediate_size"])
     last = f"transformer.resblocks.{spec.text_file_layers() - 1}."
@@ -324,11 +354,15 @@ def to_original_state_dict(
     spec: ModelSpec, states: dict[str, dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """The single-file state dict of a model from its diffusers component state dicts."""
-    state = ddpm_buffers(spec.scheduler)
+    # SGM's DiffusionEngine (SDXL) stores no schedule buffers; LDM's LatentDiffusion does
+    state = {} if spec.family == "sdxl" else ddpm_buffers(spec.scheduler)
     state.update(unet_to_original(states["unet"], spec.unet))
     state.update(vae_to_original(states["vae"], spec.vae))
     if spec.family == "sd2":
         state.update(openclip_text_to_original(states["text_encoder"], spec))
+    elif spec.family == "sdxl":
+        state.update(text_encoder_to_original(states["text_encoder"], SDXL_CLIP_PREFIX))
+        state.update(openclip_text_to_original(states["text_encoder_2"], spec))
     else:
         state.update(text_encoder_to_original(states["text_encoder"]))
     return {key: value.contiguous() for key, value in state.items()}
@@ -401,6 +435,24 @@ def model_index(spec: ModelSpec) -> dict[str, Any]:
     """``model_index.json`` of a hub folder (no safety checker, no feature extractor)."""
     import diffusers
 
+    components: dict[str, Any] = {
+        "scheduler": ["diffusers", spec.scheduler["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if spec.family == "sdxl":  # as stabilityai/stable-diffusion-xl-base-1.0 has it
+        return {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "force_zeros_for_empty_prompt": True,
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            **components,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
     inpaint = spec.unet["in_channels"] == 9  # as the public inpainting releases name it
     return {
         "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
@@ -408,16 +460,12 @@ def model_index(spec: ModelSpec) -> dict[str, Any]:
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", spec.scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        **components,
     }
 
 
 def write_config_folder(spec: ModelSpec, folder: Path, components: Any = None) -> Path:
-    """A hub-layout folder with ``model_index.json``, component configs and the tokenizer.
+    """A hub-layout folder with ``model_index.json``, component configs and the tokenizer(s).
 
     ``components`` (a :class:`~models.synth.Components`) defaults to meta-device modules:
     only their configs are written, no weights.
@@ -432,9 +480,12 @@ def write_config_folder(spec: ModelSpec, folder: Path, components: Any = None) -
     scheduler_cls = getattr(diffusers, spec.scheduler["_class_name"])
     scheduler_cls.from_config(spec.scheduler).save_pretrained(folder / "scheduler")
     write_tokenizer(spec, folder / "tokenizer")
+    if spec.tokenizer_2 is not None:
+        write_tokenizer(spec, folder / "tokenizer_2", spec.tokenizer_2)
     components.unet.save_config(folder / "unet")
     components.vae.save_config(folder / "vae")
-    components.text_encoder.config.save_pretrained(folder / "text_encoder")
+    for name in spec.text_encoders:
+        getattr(components, name).config.save_pretrained(folder / name)
     return folder
 
 
@@ -469,6 +520,8 @@ class OriginalSlot:
     #: Rows ``[start, stop)`` of the file's tensor that are this one (OpenCLIP's fused q/k/v
     #: in ``attn.in_proj_weight`` / ``_bias``); None for the whole tensor.
     rows: tuple[int, int] | None = None
+    #: The file holds the transpose (OpenCLIP's ``text_projection``, applied as ``x @ P``).
+    transposed: bool = False
 
 
 def original_slots(spec: ModelSpec) -> dict[tuple[str, str], OriginalSlot]:
@@ -485,7 +538,7 @@ def original_slots(spec: ModelSpec) -> dict[tuple[str, str], OriginalSlot]:
     slots: dict[tuple[str, str], OriginalSlot] = {}
     for component, model in components.items():
         state = model.state_dict()
-        if component == "text_encoder" and spec.family == "sd2":
+        if spec.family != "sd1" and component == openclip_component(spec):
             slots.update(_openclip_slots(state, spec))
             continue
         if component == "unet":
@@ -493,8 +546,9 @@ def original_slots(spec: ModelSpec) -> dict[tuple[str, str], OriginalSlot]:
         elif component == "vae":
             renamed = {key: VAE_PREFIX + _rename(key, vae_prefix_map(spec.vae)) for key in state}
         else:
+            clip = SDXL_CLIP_PREFIX if spec.family == "sdxl" else CLIP_PREFIX
             renamed = {
-                key: CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)
+                key: clip + (key if key.startswith("text_model.") else "text_model." + key)
                 for key in state
             }
         for key, original in renamed.items():
@@ -506,7 +560,11 @@ def _openclip_slots(
     state: dict[str, torch.Tensor], spec: ModelSpec
 ) -> dict[tuple[str, str], OriginalSlot]:
     """The inverse of :func:`openclip_text_to_original`, key by key."""
-    width = int(spec.text_encoder["hidden_size"])
+    component = openclip_component(spec)
+    config = spec.text_encoder_2 if component == "text_encoder_2" else spec.text_encoder
+    assert config is not None
+    width = int(config["hidden_size"])
+    file_prefix = openclip_prefix(spec)
     fixed = {
         "embeddings.token_embedding.weight": "token_embedding.weight",
         "embeddings.position_embedding.weight": "positional_embedding",
@@ -517,6 +575,11 @@ def _openclip_slots(
     for key, value in state.items():
         plain = key.removeprefix("text_model.")
         rows = None
+        if plain == "text_projection.weight":  # SDXL's pooled projection, x @ P in OpenCLIP
+            slots[(component, key)] = OriginalSlot(
+                file_prefix + "text_projection", tuple(value.shape), transposed=True
+            )
+            continue
         if plain in fixed:
             original = fixed[plain]
         else:
@@ -532,9 +595,7 @@ def _openclip_slots(
                 rows = (index * width, (index + 1) * width)
             else:
                 original = f"{prefix}{_OPENCLIP_LAYER[name]}.{kind}"
-        slots[("text_encoder", key)] = OriginalSlot(
-            OPENCLIP_PREFIX + original, tuple(value.shape), rows
-        )
+        slots[(component, key)] = OriginalSlot(file_prefix + original, tuple(value.shape), rows)
     return slots
 
 
@@ -547,7 +608,7 @@ def from_original_state_dict(
     ``state`` lacks. Keys ``spec`` has no use for (schedule buffers, EMA weights) are ignored.
     Tensors are reshaped to the diffusers shapes (the VAE's 1x1-conv attention → linear).
     """
-    states: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in spec.components}
     missing: list[str] = []
     for (component, key), slot in original_slots(spec).items():
         value = state.get(slot.key)
@@ -557,5 +618,7 @@ def from_original_state_dict(
             continue
         if slot.rows is not None:
             value = value[slot.rows[0] : slot.rows[1]]
+        if slot.transposed:
+            value = value.T
         states[component][key] = value.reshape(slot.shape) if value.shape != slot.shape else value
     return states, missing

@@ -7,6 +7,9 @@
 - ``.safetensors``: one tensor ``emb_params`` ``[n, hidden]`` (A1111 writes this name), or a
   single tensor under any name (as diffusers' own textual-inversion files).
 
+- SDXL ``.safetensors``: ``clip_l`` ``[n, 768]`` and ``clip_g`` ``[n, 1280]``, the vectors of
+  each text encoder (what A1111 and kohya write for SDXL); read as a dict of the two.
+
 The trigger word is the file stem (A1111's rule), whatever name the file stores. ``n`` vectors
 take ``n`` token positions in the prompt.
 """
@@ -24,6 +27,11 @@ from harness.errors import UserError
 
 from .specs import ModelSpec
 from .synth import EMBEDDING_STD, seeded_normal
+
+#: Per text encoder, the tensor names of an SDXL embedding (CLIP ViT-L, OpenCLIP bigG).
+SDXL_KEYS = ("clip_l", "clip_g")
+#: An embedding's vectors: ``[n, hidden]``, or SDXL's per text encoder (:data:`SDXL_KEYS`).
+Vectors = torch.Tensor | dict[str, torch.Tensor]
 
 #: The token id A1111 stores under ``string_to_token["*"]`` (the id of ``*`` in CLIP's vocab).
 A1111_STAR_TOKEN = 265
@@ -51,23 +59,41 @@ EMBEDDINGS: dict[str, EmbeddingRecipe] = {
 }
 
 
-def embedding_file_name(name: str) -> str:
+def embedding_format(name: str, spec: ModelSpec) -> str:
+    """The format the zoo writes embedding ``name`` in for ``spec``: its recipe's, and
+    ``safetensors`` for SDXL (whose embeddings are ``clip_l`` / ``clip_g`` files)."""
+    return "safetensors" if spec.family == "sdxl" else EMBEDDINGS[name].fmt
+
+
+def embedding_file_name(name: str, spec: ModelSpec) -> str:
     """``<name>.pt`` or ``<name>.safetensors`` as the zoo embedding ``name`` is written."""
-    return f"{name}.{EMBEDDINGS[name].fmt}"
+    return f"{name}.{embedding_format(name, spec)}"
 
 
-def synthesize_embedding(spec: ModelSpec, name: str) -> torch.Tensor:
-    """The vectors ``[n, hidden]`` (fp32) of the zoo embedding ``name`` for ``spec``."""
+def synthesize_embedding(spec: ModelSpec, name: str) -> Vectors:
+    """The vectors ``[n, hidden]`` (fp32) of the zoo embedding ``name`` for ``spec``; for
+    SDXL, a dict of each text encoder's (``clip_g`` drawn under its own tag)."""
     recipe = EMBEDDINGS[name]
-    hidden = int(spec.text_encoder["hidden_size"])
     tag = f"{spec.name}:{spec.seed}/embedding/{name}"
-    return seeded_normal((recipe.vectors, hidden), 0.0, EMBEDDING_STD, recipe.seed, tag)
+
+    def draw(config: dict[str, object], suffix: str) -> torch.Tensor:
+        hidden = int(config["hidden_size"])  # type: ignore[call-overload]
+        shape = (recipe.vectors, hidden)
+        return seeded_normal(shape, 0.0, EMBEDDING_STD, recipe.seed, tag + suffix)
+
+    if spec.text_encoder_2 is None:
+        return draw(spec.text_encoder, "")
+    return {"clip_l": draw(spec.text_encoder, ""), "clip_g": draw(spec.text_encoder_2, "/clip_g")}
 
 
 def write_embedding(spec: ModelSpec, name: str, path: Path) -> Path:
-    """Write the zoo embedding ``name`` for ``spec`` to ``path`` in its recipe's format."""
+    """Write the zoo embedding ``name`` for ``spec`` to ``path`` in its format."""
     vectors = synthesize_embedding(spec, name)
-    if EMBEDDINGS[name].fmt == "pt":
+    if isinstance(vectors, dict):
+        from safetensors.torch import save_file
+
+        save_file(vectors, str(path), metadata={"format": "pt"})
+    elif embedding_format(name, spec) == "pt":
         data = {
             "string_to_token": {"*": A1111_STAR_TOKEN},
             "string_to_param": {"*": vectors},
@@ -112,7 +138,7 @@ def _read_pt(path: Path) -> torch.Tensor:
     return _check_vectors(path, next(iter(params.values())), "string_to_param")
 
 
-def _read_safetensors(path: Path) -> torch.Tensor:
+def _read_safetensors(path: Path) -> Vectors:
     from safetensors.torch import load_file
 
     try:
@@ -124,14 +150,23 @@ def _read_safetensors(path: Path) -> torch.Tensor:
         ) from None
     if "emb_params" in tensors:
         return _check_vectors(path, tensors["emb_params"], "emb_params")
+    if set(SDXL_KEYS) <= set(tensors):
+        sdxl = {key: _check_vectors(path, tensors[key], key) for key in SDXL_KEYS}
+        if len({len(value) for value in sdxl.values()}) != 1:
+            raise UserError(
+                f"embedding '{path}': clip_l has {len(sdxl['clip_l'])} vectors and clip_g "
+                f"{len(sdxl['clip_g'])}; expected as many in both"
+            )
+        return sdxl
     if len(tensors) == 1:
         key, value = next(iter(tensors.items()))
         return _check_vectors(path, value, key)
     raise UserError(f"embedding '{path}': no emb_params among {sorted(tensors)[:6]}; {_EXPECTED}")
 
 
-def read_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
-    """``(trigger word, vectors [n, hidden] fp32)`` of an A1111 embedding file.
+def read_embedding(path: str | Path) -> tuple[str, Vectors]:
+    """``(trigger word, vectors [n, hidden] fp32)`` of an A1111 embedding file (SDXL: a dict of
+    ``clip_l`` and ``clip_g`` vectors).
 
     The trigger word is the file stem. Raises :class:`UserError` (one line, naming the file and
     what was expected) for a missing, truncated or corrupt file, a pickle holding anything but
@@ -141,12 +176,14 @@ def read_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"embedding '{path}': no such file")
     suffix = path.suffix.lower()
+    vectors: Vectors
     if suffix in (".pt", ".bin"):
         vectors = _read_pt(path)
     elif suffix == ".safetensors":
         vectors = _read_safetensors(path)
     else:
         raise UserError(f"embedding '{path}': unknown suffix {suffix!r}; {_EXPECTED}")
-    if not torch.isfinite(vectors).all():
+    parts = vectors.values() if isinstance(vectors, dict) else [vectors]
+    if not all(torch.isfinite(part).all() for part in parts):
         raise UserError(f"embedding '{path}': vectors are not finite; {_EXPECTED}")
     return path.stem, vectors

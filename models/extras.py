@@ -99,7 +99,7 @@ def extra_file(kind: str, name: str, model: str, layout: str = "safetensors") ->
         if target.exists():
             return target
         return _atomic_create(target, lambda path: write_lora(base, name, path))
-    target = folder / embedding_file_name(name)
+    target = folder / embedding_file_name(name, base)
     if target.exists():
         return target
     return _atomic_create(target, lambda path: write_embedding(base, name, path))

@@ -9,7 +9,10 @@ A kohya LoRA for SD 1.x is a ``.safetensors`` file with three tensors per adapte
 and ``lora_te_text_model_encoder_layers_<i>_<self_attn_q_proj|…|mlp_fc1>`` for the CLIP text
 encoder. kohya trains SD 1.x on the diffusers UNet, so the UNet names are diffusers module
 paths (``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``); the 1x1 convolutions
-``proj_in`` / ``proj_out`` of SD 1.x transformers carry conv-shaped weights.
+``proj_in`` / ``proj_out`` of SD 1.x transformers carry conv-shaped weights. SDXL files name
+the UNet's modules by sgm's original paths (``lora_unet_input_blocks_4_1_transformer_blocks_0_
+attn1_to_q``) and the two text encoders ``lora_te1_…`` (CLIP ViT-L) and ``lora_te2_…``
+(OpenCLIP bigG, in transformers' names), as kohya's ``sdxl_train_network.py`` writes them.
 
 The network types (:data:`harness.vocabulary.NETWORK_TYPES`) share those names and differ in
 the tensors per module (:data:`LAYOUTS`); each gives an unscaled update ``U`` of the weight
@@ -61,6 +64,9 @@ from .synth import seeded_normal
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
+UNET_FILE_PREFIX = "model.diffusion_model."
+#: kohya's ``ss_base_model_version`` per family.
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2_768_v", "sdxl": "sdxl_base_v1-0"}
 DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
 
 #: Tensors per module of each layout, by key suffix. A LoRA and a LoHa need all of theirs; a
@@ -308,7 +314,7 @@ def file_network_type(path: str | Path) -> str:
 class LoraTarget:
     """Where a kohya module name lands in a model of a given spec."""
 
-    #: ``unet`` or ``text_encoder``.
+    #: ``unet``, ``text_encoder`` (or SDXL's ``text_encoder_2``).
     component: str
     #: The weight's key in the diffusers component state dict.
     diffusers_key: str
@@ -319,13 +325,26 @@ class LoraTarget:
     rows: tuple[int, int] | None = None
 
 
-def kohya_name(component: str, module: str) -> str:
-    """The kohya module name of a diffusers module path (``text_model.`` added for CLIP)."""
+#: kohya's prefix of each text encoder of SDXL (one text encoder: :data:`TEXT_PREFIX`).
+SDXL_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def kohya_name(component: str, module: str, spec: ModelSpec | None = None,
+               original: str | None = None) -> str:
+    """The kohya module name of a diffusers module path (``text_model.`` added for CLIP).
+
+    For SDXL (``spec``), kohya's sd-scripts train on sgm's UNet: its names are the original
+    module paths (``original``: the file key, ``input_blocks_4_1_…``), and the text encoders
+    are ``lora_te1_`` / ``lora_te2_``."""
+    sdxl = spec is not None and spec.family == "sdxl"
     if component == "unet":
+        if sdxl and original is not None:
+            module = original.removeprefix(UNET_FILE_PREFIX).removesuffix(".weight")
         return UNET_PREFIX + module.replace(".", "_")
     if not module.startswith("text_model."):
         module = "text_model." + module
-    return TEXT_PREFIX + module.replace(".", "_")
+    prefix = SDXL_TEXT_PREFIXES[component] if sdxl else TEXT_PREFIX
+    return prefix + module.replace(".", "_")
 
 
 @lru_cache(maxsize=8)
@@ -335,8 +354,10 @@ def _lora_targets(spec_json: str) -> dict[str, LoraTarget]:
     for (component, key), slot in original_slots(spec).items():
         if component == "vae" or not key.endswith(".weight") or len(slot.shape) not in (2, 4):
             continue
+        if slot.transposed:  # SDXL's pooled text_projection: not a layer kohya trains
+            continue
         module = key[: -len(".weight")]
-        targets[kohya_name(component, module)] = LoraTarget(
+        targets[kohya_name(component, module, spec, slot.key)] = LoraTarget(
             component, key, slot.key, slot.shape, slot.rows
         )
     return targets
@@ -415,9 +436,9 @@ def synthesize_lora(spec: ModelSpec, name: str) -> dict[str, torch.Tensor]:
     """
     recipe = LORAS[name]
     targets = lora_targets(spec)
-    chosen = _modules(targets, "unet", recipe.unet) + _modules(
-        targets, "text_encoder", recipe.text_encoder
-    )
+    chosen = _modules(targets, "unet", recipe.unet)
+    for component in spec.text_encoders:
+        chosen += _modules(targets, component, recipe.text_encoder)
     if not chosen:
         raise ValueError(f"LoRA {name!r} adapts no module of spec {spec.name!r}")
     tensors: dict[str, torch.Tensor] = {}
@@ -434,7 +455,7 @@ def _metadata(recipe: LoraRecipe, name: str, spec: ModelSpec) -> dict[str, str]:
     metadata = {
         "ss_network_dim": str(recipe.rank),
         "ss_network_alpha": str(recipe.alpha),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": BASE_MODEL_VERSIONS[spec.family],
         "sdbench_extra": json.dumps({"kind": "lora", "name": name, "spec": spec.name}),
     }
     if recipe.layout == "lora" and not recipe.dora and _RESNET_CONV not in recipe.unet:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,12 +55,19 @@ class ResolvedModel:
 SOURCES = ("hub", "safetensors", "ckpt")
 HUB_SCHEME = "hub:"
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
-_UNET_CONTEXT = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-#: Original single files of third-party releases recognised by shape: (UNet width, context).
-#: (UNet width, context width) of an original single file -> its zoo architecture. SD 2.x
-#: files read as the 768-v release (``sd21``, v-prediction): the 512 px base (eps) has the
-#: same shapes, and A1111 tells them apart only by running the UNet on a test input.
-_KNOWN_SHAPES = {(320, 768): "sd15", (320, 1024): "sd21"}
+#: The first cross-attention of the UNet's input blocks: its key projection is [_, context].
+_UNET_CONTEXT = re.compile(
+    r"model\.diffusion_model\.input_blocks\.(\d+)\.1\.transformer_blocks\.0\.attn2\.to_k\.weight"
+)
+#: (UNet width, context width) of an original single file of a third-party release -> its
+#: zoo architecture. SD 2.x files read as the 768-v release (``sd21``, v-prediction): the
+#: 512 px base (eps) has the same shapes, and A1111 tells them apart only by running the UNet
+#: on a test input. SDXL base's context is CLIP ViT-L's 768 + OpenCLIP bigG's 1280.
+_KNOWN_SHAPES = {(320, 768): "sd15", (320, 1024): "sd21", (320, 2048): "sdxl"}
+#: What each known architecture is, for the error naming what a file is not.
+_KNOWN_NAMES = (
+    "SD 1.x (UNet width 320, context 768), SD 2.x (context 1024) or SDXL base (context 2048)"
+)
 # Files of a hub folder worth fetching (weights of the diffusers layout, configs, tokenizer).
 _HUB_IGNORE = ["*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.ot", "*.ckpt", "*.pb"]
 
@@ -131,12 +139,17 @@ def single_file_spec(path: Path) -> ModelSpec:
     if stored is not None:
         return ModelSpec.from_dict(stored)
     shapes = read_shapes(path)
-    key = (shapes.get(_UNET_IN, (0,))[0], (shapes.get(_UNET_CONTEXT) or (0, 0))[-1])
+    attention = sorted(
+        (int(match.group(1)), shape)
+        for name, shape in shapes.items()
+        if (match := _UNET_CONTEXT.fullmatch(name))
+    )
+    context = attention[0][1][-1] if attention else 0
+    key = (shapes.get(_UNET_IN, (0,))[0], context)
     if key not in _KNOWN_SHAPES:
         raise UserError(
             f"model '{path}': unrecognised architecture (UNet width {key[0]}, context {key[1]}); "
-            "expected an SD 1.x (UNet width 320, context 768) or SD 2.x (context 1024) original "
-            "checkpoint"
+            f"expected an {_KNOWN_NAMES} original checkpoint"
         )
     name = _KNOWN_SHAPES[key]
     in_channels = (shapes.get(_UNET_IN) or (0, 0))[1]

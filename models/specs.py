@@ -45,6 +45,11 @@ FAMILIES: dict[str, str] = {
         "SD 2.x: OpenCLIP ViT-H/14's penultimate layer, v-prediction for 768-v "
         "(cond_stage_model.model.*)"
     ),
+    "sdxl": (
+        "SDXL: CLIP ViT-L and OpenCLIP ViT-bigG penultimate layers side by side, bigG's "
+        "pooled projection and size/crop embeddings as the UNet's vector "
+        "(conditioner.embedders.{0,1}.*)"
+    ),
 }
 
 
@@ -69,6 +74,9 @@ class ModelSpec:
     weights_dtype: str = "float32"
     #: :data:`FAMILIES`.
     family: str = "sd1"
+    #: SDXL's second text encoder (a ``CLIPTextModelWithProjection``) and its tokenizer.
+    text_encoder_2: dict[str, Any] | None = None
+    tokenizer_2: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.weights_dtype not in WEIGHTS_DTYPES:
@@ -77,6 +85,18 @@ class ModelSpec:
             )
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if (self.family == "sdxl") != (self.text_encoder_2 is not None):
+            raise ValueError("text_encoder_2 is SDXL's and SDXL's only")
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The text-encoder components: ``text_encoder`` (and SDXL's ``text_encoder_2``)."""
+        return ("text_encoder", "text_encoder_2") if self.text_encoder_2 else ("text_encoder",)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The weighted components, in the order the zoo draws and writes them."""
+        return ("unet", "vae", *self.text_encoders)
 
     @property
     def prediction(self) -> str:
@@ -106,6 +126,9 @@ class ModelSpec:
             data["weights_dtype"] = self.weights_dtype
         if self.family != "sd1":  # so do the SD 1.x specs
             data["family"] = self.family
+        if self.text_encoder_2 is not None:
+            data["text_encoder_2"] = self.text_encoder_2
+            data["tokenizer_2"] = self.tokenizer_2
         return data
 
     @classmethod
@@ -139,18 +162,35 @@ class ModelSpec:
         ]
         heads = unet["attention_head_dim"]
         vae_widths = list(vae["block_out_channels"])
-        if self.family == "sd2":  # heads of 64 channels at every level (num_head_channels)
-            head_options: dict[str, Any] = {"num_heads": -1, "num_head_channels": base // (
-                heads if isinstance(heads, int) else list(heads)[0])}
-            cond_stage: dict[str, Any] = {
-                "kind": "openclip",
-                "width": text["hidden_size"],
-                "heads": text["num_attention_heads"],
-                "layers": self.text_file_layers(),
-                "intermediate": text["intermediate_size"],
-                "max_length": text["max_position_embeddings"],
-                "vocab_size": text["vocab_size"],
-                "layer": "penultimate",
+        extra: dict[str, Any] = {}
+        if self.family in ("sd2", "sdxl"):  # heads of 64 channels everywhere (num_head_channels)
+            heads_list = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+            head_options: dict[str, Any] = {
+                "num_heads": -1, "num_head_channels": widths[-1] // heads_list[-1]
+            }
+        if self.family == "sd2":
+            cond_stage: dict[str, Any] = _openclip_stage(text, self.text_file_layers())
+            cond_stage["layer"] = "penultimate"
+        elif self.family == "sdxl":
+            assert self.text_encoder_2 is not None
+            text_2 = self.text_encoder_2
+            cond_stage = {
+                "kind": "sdxl",
+                "embedders": [
+                    {"kind": "clip", "hidden_size": text["hidden_size"],
+                     "max_length": text["max_position_embeddings"], "layer": "hidden",
+                     "layer_idx": int(text["num_hidden_layers"]) - 1},
+                    {**_openclip_stage(text_2, int(text_2["num_hidden_layers"])),
+                     "layer": "penultimate", "projection": text_2["projection_dim"]},
+                ],
+            }
+            depths = unet["transformer_layers_per_block"]
+            extra = {
+                "transformer_depth": list(depths),
+                "transformer_depth_middle": depths[-1],
+                "adm_in_channels": unet["projection_class_embeddings_input_dim"],
+                "num_classes": "sequential",
+                "size_embed_dim": unet["addition_time_embed_dim"],
             }
         else:
             head_options = {"num_heads": heads if isinstance(heads, int) else list(heads)[0]}
@@ -175,6 +215,7 @@ class ModelSpec:
                 "context_dim": unet["cross_attention_dim"],
                 "use_linear_in_transformer": bool(unet.get("use_linear_projection", False)),
                 "legacy": False,
+                **extra,
             },
             "first_stage": {
                 "embed_dim": vae["latent_channels"],
@@ -196,6 +237,19 @@ class ModelSpec:
             "timesteps": self.scheduler["num_train_timesteps"],
             "parameterization": self.prediction,
         }
+
+
+def _openclip_stage(text: dict[str, Any], layers: int) -> dict[str, Any]:
+    """The ``cond_stage`` entry of an OpenCLIP text tower of ``layers`` resblocks."""
+    return {
+        "kind": "openclip",
+        "width": text["hidden_size"],
+        "heads": text["num_attention_heads"],
+        "layers": layers,
+        "intermediate": text["intermediate_size"],
+        "max_length": text["max_position_embeddings"],
+        "vocab_size": text["vocab_size"],
+    }
 
 
 _SD1_SCHEDULER: dict[str, Any] = {
@@ -223,7 +277,21 @@ def _unet(
     in_channels: int = 4,
     linear: bool = False,
     upcast: bool = False,
+    depths: tuple[int, ...] | None = None,
+    size_embed: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config; ``depths``: transformer blocks per level (SDXL),
+    ``size_embed``: SDXL's (``addition_time_embed_dim``, pooled text width)."""
+    sdxl: dict[str, Any] = {}
+    if depths is not None:
+        sdxl["transformer_layers_per_block"] = list(depths)
+    if size_embed is not None:
+        time_dim, pooled = size_embed
+        sdxl |= {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": time_dim,
+            "projection_class_embeddings_input_dim": pooled + 6 * time_dim,
+        }
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
     return {
@@ -247,6 +315,7 @@ def _unet(
         "freq_shift": 0,
         "use_linear_projection": linear,
         **({"upcast_attention": True} if upcast else {}),
+        **sdxl,
     }
 
 
@@ -289,6 +358,25 @@ def _clip(
 
 
 _SD2_V_SCHEDULER: dict[str, Any] = {**_SD1_SCHEDULER, "prediction_type": "v_prediction"}
+#: The SDXL base release's scheduler (the same betas as SD 1.x, Euler, "leading" spacing).
+_SDXL_SCHEDULER: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "use_karras_sigmas": False,
+    "trained_betas": None,
+}
+
+
+def _sdxl_vae(widths: tuple[int, ...], layers: int, sample_size: int) -> dict[str, Any]:
+    """SDXL's KL-f8 VAE: SD's structure, its own latent scale, upcast to fp32 by diffusers."""
+    return {**_vae(widths, layers, sample_size), "scaling_factor": 0.13025, "force_upcast": True}
 
 
 def _openclip_text(
@@ -297,6 +385,18 @@ def _openclip_text(
     """OpenCLIP's text tower as diffusers' SD 2.x ``CLIPTextModel`` holds it: GELU, and
     ``layers`` = OpenCLIP's layers less the last (the penultimate layer's output)."""
     return {**_clip(vocab, hidden, intermediate, layers, heads), "hidden_act": "gelu"}
+
+
+def _openclip_projected(
+    vocab: int, hidden: int, intermediate: int, layers: int, heads: int, projection: int
+) -> dict[str, Any]:
+    """SDXL's OpenCLIP ViT-bigG text tower as a ``CLIPTextModelWithProjection``: all its
+    layers (the last one feeds the pooled projection)."""
+    return {
+        **_openclip_text(vocab, hidden, intermediate, layers, heads),
+        "architectures": ["CLIPTextModelWithProjection"],
+        "projection_dim": projection,
+    }
 
 
 SPECS: dict[str, ModelSpec] = {
@@ -371,6 +471,56 @@ SPECS: dict[str, ModelSpec] = {
         seed=0,
         repo_id="sdbench/sd21",
         family="sd2",
+    ),
+    "tiny-sdxl": ModelSpec(
+        name="tiny-sdxl",
+        description=(
+            "SDXL structure at test widths (UNet 32/64/64, no attention on the first level, "
+            "transformer depths 1/2, CLIP 2x32 + OpenCLIP-style 3x64 with pooled projection, "
+            "size/crop embeddings)"
+        ),
+        unet=_unet((32, 64, 64), (False, True, True), layers=1, heads=[4, 8, 8], context=96,
+                   sample_size=8, linear=True, depths=(1, 1, 2), size_embed=(8, 64)),
+        vae=_sdxl_vae((32, 32, 64, 64), layers=1, sample_size=64),
+        text_encoder=_clip(vocab=1000, hidden=32, intermediate=64, layers=2, heads=4),
+        text_encoder_2=_openclip_projected(
+            vocab=1000, hidden=64, intermediate=128, layers=3, heads=4, projection=64
+        ),
+        scheduler=_SDXL_SCHEDULER,
+        tokenizer={"vocab_size": 1000, "model_max_length": 77},
+        tokenizer_2={"vocab_size": 1000, "model_max_length": 77, "pad_token": "!"},
+        seed=0,
+        repo_id="sdbench/tiny-sdxl",
+        family="sdxl",
+    ),
+    "sdxl": ModelSpec(
+        name="sdxl",
+        description=(
+            "SDXL base 1.0 shapes: 2.6B UNet (transformer depths 0/2/10, context 2048, "
+            "adm 2816), CLIP ViT-L + OpenCLIP ViT-bigG/14 with pooled projection, KL-f8 VAE"
+        ),
+        unet=_unet(
+            (320, 640, 1280),
+            (False, True, True),
+            layers=2,
+            heads=[5, 10, 20],
+            context=2048,
+            sample_size=128,
+            linear=True,
+            depths=(1, 2, 10),
+            size_embed=(256, 1280),
+        ),
+        vae=_sdxl_vae((128, 256, 512, 512), layers=2, sample_size=1024),
+        text_encoder=_clip(vocab=49408, hidden=768, intermediate=3072, layers=12, heads=12),
+        text_encoder_2=_openclip_projected(
+            vocab=49408, hidden=1280, intermediate=5120, layers=32, heads=20, projection=1280
+        ),
+        scheduler=_SDXL_SCHEDULER,
+        tokenizer={"vocab_size": 49408, "model_max_length": 77},
+        tokenizer_2={"vocab_size": 49408, "model_max_length": 77, "pad_token": "!"},
+        seed=0,
+        repo_id="sdbench/sdxl",
+        family="sdxl",
     ),
 }
 

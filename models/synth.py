@@ -56,19 +56,22 @@ BIAS_STD = 0.02
 #: Std of token and position embeddings (as CLIP's own initialisation).
 EMBEDDING_STD = 0.02
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass
 class Components:
-    """The three weighted components of a Stable Diffusion 1.x pipeline."""
+    """The weighted components of a Stable Diffusion pipeline (SDXL's second text encoder,
+    a ``CLIPTextModelWithProjection``, only for the ``sdxl`` family)."""
 
     unet: Any
     vae: Any
     text_encoder: Any
+    text_encoder_2: Any = None
 
     def items(self) -> list[tuple[str, nn.Module]]:
-        return [(name, getattr(self, name)) for name in COMPONENTS]
+        modules = [(name, getattr(self, name)) for name in COMPONENTS]
+        return [(name, module) for name, module in modules if module is not None]
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -122,14 +125,20 @@ def empty_components(spec: ModelSpec) -> Components:
     """The components of ``spec`` with parameters on the meta device (buffers real)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    text_config = {k: v for k, v in spec.text_encoder.items() if k != "model_type"}
+    def text_config(config: dict[str, Any]) -> CLIPTextConfig:
+        return CLIPTextConfig(**{k: v for k, v in config.items() if k != "model_type"})
+
     with init_empty_weights():
         return Components(
             unet=UNet2DConditionModel.from_config(spec.unet),
             vae=AutoencoderKL.from_config(spec.vae),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
+            text_encoder=CLIPTextModel(text_config(spec.text_encoder)),
+            text_encoder_2=(
+                None if spec.text_encoder_2 is None
+                else CLIPTextModelWithProjection(text_config(spec.text_encoder_2))
+            ),
         )
 
 

@@ -96,10 +96,12 @@ def build_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]
     return vocab, merges
 
 
-def tokenizer_files(spec: ModelSpec) -> dict[str, str]:
-    """File name → text of the tokenizer folder of ``spec``."""
-    vocab_size = int(spec.tokenizer["vocab_size"])
-    max_length = int(spec.tokenizer.get("model_max_length", 77))
+def tokenizer_files(spec: ModelSpec, settings: dict[str, Any] | None = None) -> dict[str, str]:
+    """File name → text of the tokenizer folder of ``spec`` (``settings``: another of its
+    tokenizers' settings than ``spec.tokenizer``, e.g. SDXL's ``tokenizer_2``)."""
+    settings = spec.tokenizer if settings is None else settings
+    vocab_size = int(settings["vocab_size"])
+    max_length = int(settings.get("model_max_length", 77))
     vocab, merges = build_vocab(vocab_size)
     special = {
         "bos_token": BOS_TOKEN,
@@ -107,7 +109,7 @@ def tokenizer_files(spec: ModelSpec) -> dict[str, str]:
         "unk_token": EOS_TOKEN,
         # SD 1.x pads with EOS; the SD 2.x release's tokenizer pads with "!" (id 0), as
         # OpenCLIP's own tokenizer pads with 0
-        "pad_token": spec.tokenizer.get("pad_token", EOS_TOKEN),
+        "pad_token": settings.get("pad_token", EOS_TOKEN),
     }
     config: dict[str, Any] = {
         "tokenizer_class": "CLIPTokenizer",
@@ -126,9 +128,12 @@ def tokenizer_files(spec: ModelSpec) -> dict[str, str]:
     }
 
 
-def write_tokenizer(spec: ModelSpec, folder: Path) -> Path:
-    """Write the tokenizer files of ``spec`` into ``folder`` (created); returns ``folder``."""
+def write_tokenizer(
+    spec: ModelSpec, folder: Path, settings: dict[str, Any] | None = None
+) -> Path:
+    """Write the tokenizer files of ``spec`` (or of its ``settings``, as
+    :func:`tokenizer_files`) into ``folder`` (created); returns ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in tokenizer_files(spec).items():
+    for name, text in tokenizer_files(spec, settings).items():
         (folder / name).write_text(text, encoding="utf-8")
     return folder

@@ -94,7 +94,11 @@ def test_parity_where_both_backends_compute_the_same(results: dict[str, Result])
                     "diffusers-tiny-txt2img-euler-embedding-sbstyle+sbmulti",
                     "diffusers-tiny-sd21-txt2img-euler", "diffusers-tiny-sd21-img2img-euler-str0.5",
                     "diffusers-tiny-sd21-hires-euler-str0.5-x2-latent",
-                    "diffusers-tiny-sd21-txt2img-euler-embedding-sbstyle"):
+                    "diffusers-tiny-sd21-txt2img-euler-embedding-sbstyle",
+                    "diffusers-tiny-sdxl-txt2img-euler", "diffusers-tiny-sdxl-img2img-euler-str0.5",
+                    "diffusers-tiny-sdxl-hires-euler-str0.5-x2-latent",
+                    "diffusers-tiny-sdxl-txt2img-euler-embedding-sbstyle",
+                    "diffusers-tiny-sdxl-txt2img-euler-lora-style@0.5+detail@1.0"):
         metrics = results[cell_id].metrics
         assert metrics["parity_status"] == "pass", (cell_id, metrics["check_results"]["parity"])
         assert metrics["parity_latent_rel_err"] < 1e-3

@@ -122,8 +122,8 @@ def test_tiny_sd21_agrees_across_backends(tmp_path: Path) -> None:
 def test_an_unknown_architecture_names_the_families(tmp_path: Path) -> None:
     state = load_file(str(materialize_formats("tiny-sd21", ("safetensors",))["safetensors"]))
     save_file(state, str(tmp_path / "community.safetensors"))  # no sdbench metadata
-    with pytest.raises(UserError, match=r"UNet width 32, context 32\); expected an SD 1.x .* or "
-                                        r"SD 2.x \(context 1024\)"):
+    with pytest.raises(UserError, match=r"UNet width 32, context 32\); expected an SD 1.x .*, "
+                                        r"SD 2.x \(context 1024\) or SDXL base"):
         single_file_spec(tmp_path / "community.safetensors")
 
 

@@ -87,34 +87,42 @@ def test_source_must_match_file(zoo_cache: Path) -> None:
         resolve(str(materialize("tiny", "safetensors")), "ckpt")
 
 
-def _save_without_metadata(path: Path, width: int, context: int) -> Path:
+def _save_without_metadata(path: Path, width: int, context: int, level: int = 1) -> Path:
+    """A file with only the two tensors recognition reads: the UNet's input conv and the first
+    cross-attention's ``to_k`` (SDXL's first is at ``input_blocks.4``)."""
     from safetensors.torch import save_file
 
+    attention = f"model.diffusion_model.input_blocks.{level}.1.transformer_blocks.0.attn2.to_k"
     save_file(
         {
             "model.diffusion_model.input_blocks.0.0.weight": torch.ones(width, 4, 3, 3),
-            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (
-                torch.ones(width, context)
-            ),
+            f"{attention}.weight": torch.ones(width, context),
         },
         str(path),
     )
     return path
 
 
-def test_third_party_file_inferred_by_shapes(zoo_cache: Path, tmp_path: Path) -> None:
-    path = _save_without_metadata(tmp_path / "v1-5.safetensors", 320, 768)
+@pytest.mark.parametrize(
+    ("width", "context", "level", "spec"),
+    [(320, 768, 1, "sd15"), (320, 1024, 1, "sd21"), (320, 2048, 4, "sdxl")],
+)
+def test_third_party_file_inferred_by_shapes(
+    zoo_cache: Path, tmp_path: Path, width: int, context: int, level: int, spec: str
+) -> None:
+    path = _save_without_metadata(tmp_path / "community.safetensors", width, context, level)
     resolved = resolve(str(path), "safetensors")
-    assert resolved.spec_name == "sd15"
+    assert resolved.spec_name == spec
     assert (resolved.config_dir / "unet" / "config.json").is_file()
 
 
 def test_unrecognised_third_party_file(zoo_cache: Path, tmp_path: Path) -> None:
-    path = _save_without_metadata(tmp_path / "sdxl.safetensors", 320, 2048)  # not yet a family
+    path = _save_without_metadata(tmp_path / "sd3.safetensors", 320, 4096)  # no such family
     with pytest.raises(UserError) as error:
         resolve(str(path), "safetensors")
     message = _one_line(error)
-    assert "sdxl.safetensors" in message and "expected" in message and "context 2048" in message
+    assert "sd3.safetensors" in message and "expected" in message and "context 4096" in message
+    assert "SDXL base (context 2048)" in message
 
 
 # --------------------------------------------------------------------------- hub ids

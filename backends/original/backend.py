@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from backends.base import TORCH_DTYPES, Backend, Output, Request, Session
+from backends.base import (
+    SDXL_CONTROLNET_UNSUPPORTED,
+    TORCH_DTYPES,
+    Backend,
+    Output,
+    Request,
+    Session,
+)
 from backends.original.attention import set_attention, xformers_available
 from backends.original.checkpoint import load_latent_diffusion
 from backends.original.controlnet import ActiveControls, ControlledUNet, ControlNet, load_controlnet
@@ -40,6 +47,7 @@ from backends.original.samplers import (
     img2img_steps,
     truncate_sigmas,
 )
+from backends.original.text import GeneralConditioner
 from backends.original.workflows import (
     INPAINT_EXTRA_CHANNELS,
     encode,
@@ -95,10 +103,12 @@ class OriginalSession(Session):
         if cell.channels_last:
             self.ldm.to(memory_format=torch.channels_last)
         self.swapper: ModuleSwapper | None = place(self.ldm, device, cell.offload)
-        self.lora = LoraPatcher(layer_names(self.ldm.unet, self.ldm.cond_stage_model.encoder))
-        self._embedding_files: dict[Path, torch.Tensor] = {}
+        self.lora = LoraPatcher(
+            layer_names(self.ldm.unet, [part.encoder for part in self.ldm.text.parts()])
+        )
+        self._embedding_files: dict[Path, Any] = {}
         #: The trigger words and vectors of the request prepared last.
-        self._vectors: dict[str, torch.Tensor] = {}
+        self._vectors: dict[str, Any] = {}
         eps_model = self.ldm.unet
         if cell.compile != "none":
             eps_model = torch.compile(
@@ -124,6 +134,8 @@ class OriginalSession(Session):
     def _controlnet(self, path: Path | None, source: Path) -> ControlNet:
         """The ControlNet of a single file, loaded once per session (strictly, in the
         session's dtype; registered with the memory mode's swapper)."""
+        if isinstance(self.ldm.text, GeneralConditioner):
+            raise UnsupportedError(SDXL_CONTROLNET_UNSUPPORTED)
         if path is None:
             raise UnsupportedError(
                 f"controlnet '{source}': a diffusers folder; the original backend reads the "
@@ -145,19 +157,20 @@ class OriginalSession(Session):
         base, karras = split_sampler(request.sampler)
         if base in NOT_IMPLEMENTED:
             raise UnsupportedError(NOT_IMPLEMENTED[base])
-        text = self.ldm.cond_stage_model
+        text = self.ldm.text
         prompts = [request.prompt] * request.batch
         guided = request.guidance > 1.0
         shape = tuple(request.noise.shape)
+        size = (request.height, request.width)  # SDXL's size conditioning
 
         self.prepare(request)
         embeddings = self._vectors
         with timer.phase("encode"):
             if guided:
                 negatives = [request.negative_prompt] * request.batch
-                cond, uncond = text.encode_pair(prompts, negatives, embeddings)
+                cond, uncond = text.encode_pair(prompts, negatives, embeddings, size=size)
             else:
-                cond, uncond = text(prompts, embeddings=embeddings), None
+                cond, uncond = text(prompts, embeddings=embeddings, size=size), None
             start = self._start(request, shape)
             self.controlled.active = self._controls(request, timer)
         conditioning = {"cond": cond, "uncond": uncond, "cond_scale": request.guidance}
@@ -178,18 +191,24 @@ class OriginalSession(Session):
 
     # --- workflow steps ----------------------------------------------------------------------
 
-    def _embeddings(self, request: Request) -> dict[str, torch.Tensor]:
-        """Trigger word -> vectors of the request's embeddings (files read once per session)."""
+    def _embeddings(self, request: Request) -> dict[str, Any]:
+        """Trigger word -> vectors of the request's embeddings (files read once per session;
+        SDXL's a dict of ``clip_l`` / ``clip_g``)."""
         from models import read_embedding
 
-        vectors: dict[str, torch.Tensor] = {}
+        def as_float(vectors: Any) -> Any:
+            if isinstance(vectors, dict):
+                return {key: value.float() for key, value in vectors.items()}
+            return vectors.float()
+
+        vectors: dict[str, Any] = {}
         for ref in request.embeddings:
             if ref.vectors is not None:
-                vectors[ref.token] = ref.vectors.float()
+                vectors[ref.token] = as_float(ref.vectors)
             elif ref.path is not None:
                 path = Path(ref.path)
                 if path not in self._embedding_files:
-                    self._embedding_files[path] = read_embedding(path)[1].float()
+                    self._embedding_files[path] = as_float(read_embedding(path)[1])
                 vectors[ref.token] = self._embedding_files[path]
             else:
                 raise ValueError(f"embedding {ref.token!r} has neither a path nor vectors")
@@ -320,6 +339,13 @@ class OriginalSession(Session):
                 f"hires_upscaler must be 'latent' or 'image', got {request.hires_upscaler!r}"
             )
         start = _Start(upscaled, request.strength, image_cond=self._dummy_conditioning(shape))
+        text = self.ldm.text
+        if isinstance(text, GeneralConditioner):  # SDXL: the second pass's size, as A1111
+            size = (shape[-2] * self.vae_scale_factor, shape[-1] * self.vae_scale_factor)
+            conditioning = dict(conditioning)
+            for key in ("cond", "uncond"):
+                if conditioning[key] is not None:
+                    conditioning[key] = text.with_size(conditioning[key], size)
         return self._denoise(request, request.hires_noise, start, conditioning, timer, 1)
 
     def close(self) -> None:

@@ -11,7 +11,8 @@
   buffers (``alphas_cumprod`` is kept for the sampler), the EMA copy ``model_ema.*`` and
   CLIP's ``position_ids`` buffer of old transformers versions.
 - transformers >= 5.6 flattened ``CLIPTextModel`` (no ``text_model.`` level), while files
-  carry ``cond_stage_model.transformer.text_model.*``: :func:`module_key` maps between them.
+  carry ``cond_stage_model.transformer.text_model.*`` (SDXL:
+  ``conditioner.embedders.0.transformer.text_model.*``): :func:`module_key` maps between them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ SCHEDULE_KEYS: frozenset[str] = frozenset(
         "model_ema.num_updates",
     }
 )
-CLIP_PREFIX = "cond_stage_model.transformer."
+#: Where a CLIP text model lives in an original file: SD 1.x's, SDXL's first text encoder.
+CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+CLIP_PREFIX = CLIP_PREFIXES[0]
 CLIP_TEXT_MODEL = CLIP_PREFIX + "text_model."
 #: Metadata key (safetensors) / top-level key (ckpt) under which the zoo stores its spec.
 SPEC_KEY = "sdbench_spec"
@@ -117,15 +120,17 @@ def read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | N
 
 def module_key(file_key: str, flat_clip: bool) -> str:
     """A file key -> the :class:`LatentDiffusion` state-dict key."""
-    if flat_clip and file_key.startswith(CLIP_TEXT_MODEL):
-        return CLIP_PREFIX + file_key[len(CLIP_TEXT_MODEL) :]
+    for prefix in CLIP_PREFIXES if flat_clip else ():
+        if file_key.startswith(prefix + "text_model."):
+            return prefix + file_key[len(prefix + "text_model.") :]
     return file_key
 
 
 def checkpoint_key(module_key_: str, flat_clip: bool) -> str:
     """A :class:`LatentDiffusion` state-dict key -> the file key (inverse of :func:`module_key`)."""
-    if flat_clip and module_key_.startswith(CLIP_PREFIX):
-        return CLIP_TEXT_MODEL + module_key_[len(CLIP_PREFIX) :]
+    for prefix in CLIP_PREFIXES if flat_clip else ():
+        if module_key_.startswith(prefix):
+            return prefix + "text_model." + module_key_[len(prefix) :]
     return module_key_
 
 
@@ -145,9 +150,10 @@ def _list(keys: list[str], shown: int = 5) -> str:
 def load_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` of file tensors into ``model`` (a LatentDiffusion),
     assigning the file's tensors; a mismatch raises a :class:`UserError` naming the keys."""
-    cond = getattr(model, "cond_stage_model", None)
-    clip = getattr(cond, "transformer", None)  # SD 1.x; SD 2.x's OpenCLIP has its own names
-    flat_clip = clip is not None and not hasattr(clip, "text_model")
+    parts = model.text.parts() if hasattr(model, "text") else []
+    clips = [part.transformer for part in parts if hasattr(part, "transformer")]
+    # SD 1.x's and SDXL's CLIP (transformers >= 5.6 flattened it); OpenCLIP has its own names
+    flat_clip = bool(clips) and not hasattr(clips[0], "text_model")
     state = {module_key(k, flat_clip): v for k, v in tensors.items() if not _set_aside(k)}
     expected = model.state_dict()
     missing = sorted(checkpoint_key(k, flat_clip) for k in expected.keys() - state.keys())
@@ -187,8 +193,14 @@ def load_latent_diffusion(
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from backends.original.ldm import LatentDiffusion, linear_alphas_cumprod
-    from backends.original.text import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, OpenCLIPText
+    from backends.original.ldm import DiffusionEngine, LatentDiffusion, linear_alphas_cumprod
+    from backends.original.text import (
+        FrozenCLIPEmbedder,
+        FrozenOpenCLIPEmbedder,
+        FrozenOpenCLIPEmbedder2,
+        GeneralConditioner,
+        OpenCLIPText,
+    )
     from backends.original.unet import UNetConfig, UNetModel
     from backends.original.vae import AutoencoderConfig, AutoencoderKL
     from models.specs import ModelSpec, get_spec
@@ -204,23 +216,39 @@ def load_latent_diffusion(
         raise UserError(f"{path}: no config folder with a tokenizer for architecture {spec.name!r}")
     ldm = spec.ldm_config()
 
-    tokenizer = CLIPTokenizer.from_pretrained(
-        Path(config_dir) / "tokenizer", local_files_only=True, model_max_length=77
-    )
-    cond = ldm["cond_stage"]
-    if cond["kind"] == "openclip":
+    def tokenizer(folder: str) -> Any:
+        return CLIPTokenizer.from_pretrained(
+            Path(config_dir) / folder, local_files_only=True, model_max_length=77
+        )
+
+    def openclip(cond: dict[str, Any]) -> OpenCLIPText:
         with torch.device("meta"):
-            tower = OpenCLIPText(
+            return OpenCLIPText(
                 cond["vocab_size"], cond["width"], cond["layers"], cond["heads"],
-                cond["intermediate"], cond["max_length"],
+                cond["intermediate"], cond["max_length"], cond.get("projection"),
             )
-        cond_stage: FrozenCLIPEmbedder = FrozenOpenCLIPEmbedder(tower, tokenizer)
-    else:
+
+    def clip(layer_idx: int | None = None) -> FrozenCLIPEmbedder:
         text_config = CLIPTextConfig(
             **{k: v for k, v in spec.text_encoder.items()
                if k not in ("architectures", "model_type")}
         )
-        cond_stage = FrozenCLIPEmbedder(CLIPTextModel(text_config), tokenizer)
+        return FrozenCLIPEmbedder(CLIPTextModel(text_config), tokenizer("tokenizer"), layer_idx)
+
+    cond = ldm["cond_stage"]
+    engine = LatentDiffusion
+    if cond["kind"] == "sdxl":
+        clip_config, openclip_config = cond["embedders"]
+        engine = DiffusionEngine
+        cond_stage: Any = GeneralConditioner(
+            clip(clip_config["layer_idx"]),
+            FrozenOpenCLIPEmbedder2(openclip(openclip_config), tokenizer("tokenizer_2")),
+            ldm["unet"]["size_embed_dim"],
+        )
+    elif cond["kind"] == "openclip":
+        cond_stage = FrozenOpenCLIPEmbedder(openclip(cond), tokenizer("tokenizer"))
+    else:
+        cond_stage = clip()
     alphas_cumprod = tensors.get("alphas_cumprod")
     if alphas_cumprod is None:
         alphas_cumprod = linear_alphas_cumprod(
@@ -229,7 +257,7 @@ def load_latent_diffusion(
     with torch.device("meta"):
         unet = UNetModel(UNetConfig.from_ldm(ldm["unet"]))
         first_stage = AutoencoderKL(AutoencoderConfig.from_ldm(ldm["first_stage"]))
-    model = LatentDiffusion(
+    model = engine(
         unet, first_stage, cond_stage, ldm["scale_factor"], alphas_cumprod,
         parameterization=ldm["parameterization"],
     )

@@ -121,6 +121,18 @@ class DiscreteVDenoiser(DiscreteEpsDenoiser):
         return x / (s**2 + 1.0) - out * s / (s**2 + 1.0) ** 0.5
 
 
+Conditioning = torch.Tensor | dict[str, torch.Tensor]
+
+
+def cat_conditioning(cond: Conditioning, uncond: Conditioning) -> Conditioning:
+    """The CFG batch of two conditionings: contexts, or SDXL's dicts key by key."""
+    if isinstance(cond, dict):
+        assert isinstance(uncond, dict)
+        return {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+    assert isinstance(uncond, torch.Tensor)
+    return torch.cat([cond, uncond])
+
+
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance around a denoiser; the samplers call ``model(x, sigma, **extra)``
     with ``extra = {"cond": ..., "uncond": ..., "cond_scale": ...}``.
@@ -150,7 +162,7 @@ class CFGDenoiser(nn.Module):
             x_in = torch.cat([x, x])
             sigma_in = torch.cat([sigma, sigma])
             image_in = None if image_cond is None else torch.cat([image_cond, image_cond])
-            both = self.inner(x_in, sigma_in, torch.cat([cond, uncond]), image_in)
+            both = self.inner(x_in, sigma_in, cat_conditioning(cond, uncond), image_in)
             cond_out, uncond_out = both.chunk(2)
             denoised = uncond_out + (cond_out - uncond_out) * cond_scale
         if mask is not None:

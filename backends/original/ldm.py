@@ -4,9 +4,11 @@ Its ``state_dict()`` keys are the original single-file keys: ``model.diffusion_m
 UNet inside LDM's ``DiffusionWrapper``), ``first_stage_model.*`` (the autoencoder) and
 ``cond_stage_model.transformer.*`` (the CLIP text model of SD 1.x; see :func:`checkpoint_key`
 for the ``text_model.`` prefix) or ``cond_stage_model.model.*`` (SD 2.x's OpenCLIP text
-tower). The DDPM schedule buffers of the original (``betas``, ``alphas_cumprod``, ...) are not
-parameters here: :attr:`LatentDiffusion.alphas_cumprod` is
-read from the checkpoint when present, else derived from the linear betas of the config.
+tower); SDXL's :class:`DiffusionEngine` has ``conditioner.embedders.0.transformer.*`` (CLIP
+ViT-L) and ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG) instead. The DDPM
+schedule buffers of the original (``betas``, ``alphas_cumprod``, ...) are not parameters here:
+:attr:`LatentDiffusion.alphas_cumprod` is read from the checkpoint when present, else derived
+from the linear betas of the config.
 """
 
 from __future__ import annotations
@@ -53,10 +55,20 @@ class LatentDiffusion(nn.Module):
         self.parameterization = parameterization
         self.model = DiffusionWrapper(unet)
         self.first_stage_model = first_stage
-        self.cond_stage_model = cond_stage
+        setattr(self, self.text_attribute, cond_stage)
         self.scale_factor = float(scale_factor)
         #: float32, CPU, ``[num_train_timesteps]``; not part of the state dict.
         self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float32)
+
+    #: Where the text conditioning lives (its checkpoint prefix).
+    text_attribute = "cond_stage_model"
+
+    @property
+    def text(self) -> FrozenCLIPEmbedder:
+        """The text conditioning (SD 1.x / 2.x's ``cond_stage_model``, SDXL's
+        ``conditioner``)."""
+        module: FrozenCLIPEmbedder = getattr(self, self.text_attribute)
+        return module
 
     @property
     def unet(self) -> UNetModel:
@@ -77,3 +89,10 @@ class LatentDiffusion(nn.Module):
     def decode_first_stage(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> images, roughly in ``[-1, 1]``."""
         return self.first_stage_model.decode(latents / self.scale_factor)
+
+
+class DiffusionEngine(LatentDiffusion):
+    """SDXL: sgm's ``DiffusionEngine`` reduced to inference, its text conditioning a
+    :class:`~.text.GeneralConditioner` under ``conditioner`` (``conditioner.embedders.*``)."""
+
+    text_attribute = "conditioner"

@@ -110,10 +110,10 @@ _OPENCLIP_KOHYA = {"self_attn_out_proj": "attn.out_proj", "mlp_fc1": "mlp.c_fc",
                    "mlp_fc2": "mlp.c_proj"}
 
 
-def _openclip_layer_names(text: nn.Module) -> dict[str, Any]:
+def _openclip_layer_names(text: nn.Module, prefix: str) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for index, block in enumerate(text.transformer.resblocks):
-        base = f"{TEXT_PREFIX}text_model_encoder_layers_{index}_"
+        base = f"{prefix}text_model_encoder_layers_{index}_"
         for slot, projection in enumerate("qkv"):
             table[f"{base}self_attn_{projection}_proj"] = ProjectionRows(block.attn, slot)
         for name, path in _OPENCLIP_KOHYA.items():
@@ -121,9 +121,18 @@ def _openclip_layer_names(text: nn.Module) -> dict[str, Any]:
     return table
 
 
-def layer_names(unet: nn.Module, text_transformer: nn.Module) -> dict[str, Any]:
+def text_prefixes(encoders: int) -> tuple[str, ...]:
+    """kohya's prefix of each text encoder: ``lora_te_``; SDXL's two ``lora_te1_``,
+    ``lora_te2_``."""
+    if encoders == 1:
+        return (TEXT_PREFIX,)
+    return tuple(f"lora_te{index + 1}_" for index in range(encoders))
+
+
+def layer_names(unet: nn.Module, text_encoders: list[nn.Module]) -> dict[str, Any]:
     """Every kohya layer name (without ``.lora_*`` suffix) -> the layer it patches (a module
-    with a ``weight``, or a :class:`ProjectionRows`)."""
+    with a ``weight``, or a :class:`ProjectionRows`). ``text_encoders``: the text models
+    (SDXL's CLIP ViT-L and OpenCLIP bigG, named ``lora_te1_`` / ``lora_te2_``)."""
     table: dict[str, Any] = {}
     diffusers_names = unet_diffusers_names(unet)
     for path, module in unet.named_modules():
@@ -131,14 +140,15 @@ def layer_names(unet: nn.Module, text_transformer: nn.Module) -> dict[str, Any]:
             table[UNET_PREFIX + path.replace(".", "_")] = module
             if path in diffusers_names:
                 table[UNET_PREFIX + diffusers_names[path].replace(".", "_")] = module
-    if hasattr(text_transformer, "positional_embedding"):  # SD 2.x: OpenCLIP's text tower
-        table.update(_openclip_layer_names(text_transformer))
-        return table
-    flat = not hasattr(text_transformer, "text_model")  # transformers >= 5.6
-    for path, module in text_transformer.named_modules():
-        if isinstance(module, nn.Linear):
-            full = f"text_model.{path}" if flat else path
-            table[TEXT_PREFIX + full.replace(".", "_")] = module
+    for prefix, text in zip(text_prefixes(len(text_encoders)), text_encoders, strict=True):
+        if hasattr(text, "positional_embedding"):  # OpenCLIP's text tower (SD 2.x, SDXL)
+            table.update(_openclip_layer_names(text, prefix))
+            continue
+        flat = not hasattr(text, "text_model")  # transformers >= 5.6
+        for path, module in text.named_modules():
+            if isinstance(module, nn.Linear):
+                full = f"text_model.{path}" if flat else path
+                table[prefix + full.replace(".", "_")] = module
     return table
 
 

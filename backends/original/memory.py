@@ -3,7 +3,7 @@
 Semantics of A1111's ``lowvram.py``:
 
 - **medvram**: the text encoder (``cond_stage_model.transformer``, SD 2.x's
-  ``cond_stage_model.model``), the UNet
+  ``cond_stage_model.model``, each of SDXL's two in ``conditioner.embedders``), the UNet
   (``model.diffusion_model``) and the autoencoder (``first_stage_model``) live on the CPU;
   a forward pre-hook on each moves it to the GPU when it is about to run and sends the
   previous occupant back to the CPU, so at most one sub-model is on the GPU at a time.
@@ -66,18 +66,19 @@ def place(model: Any, device: torch.device, offload: str) -> ModuleSwapper | Non
     """Put a :class:`~.ldm.LatentDiffusion` on ``device`` under the ``offload`` mode."""
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-    model.cond_stage_model.execution_device = device
+    parts = model.text.parts()  # SDXL's conditioner: two text encoders
+    for part in parts:
+        part.execution_device = device
     if offload == "none":
         model.to(device)
         return None
 
     unet = model.model.diffusion_model
     vae = model.first_stage_model
-    text = model.cond_stage_model.encoder
     # Move everything but the swapped parts to the device, as A1111 detaches them first.
     swapped: list[tuple[nn.Module, str]] = [
         (model, "first_stage_model"),
-        (model.cond_stage_model, model.cond_stage_model.encoder_attribute),
+        *((part, part.encoder_attribute) for part in parts),
     ]
     if offload == "medvram":
         swapped.append((model.model, "diffusion_model"))
@@ -91,7 +92,8 @@ def place(model: Any, device: torch.device, offload: str) -> ModuleSwapper | Non
         setattr(owner, name, module)
 
     swapper = ModuleSwapper(device)
-    swapper.register(text)
+    for part in parts:
+        swapper.register(part.encoder)
     swapper.register(vae.encoder, vae)
     swapper.register(vae.post_quant_conv, vae)
     if offload == "medvram":

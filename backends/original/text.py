@@ -63,9 +63,14 @@ class PromptChunk:
 class FrozenCLIPEmbedder(nn.Module):
     """``cond_stage_model``: tokenizer + ``transformer`` (a ``CLIPTextModel``)."""
 
-    def __init__(self, transformer: nn.Module, tokenizer: Any) -> None:
+    def __init__(
+        self, transformer: nn.Module, tokenizer: Any, layer_idx: int | None = None
+    ) -> None:
         super().__init__()
         self.transformer = transformer
+        #: None: the last hidden state (through the final layer norm, SD 1.x); else the
+        #: hidden state after this many layers, unnormalised (sgm's ``layer="hidden"``, SDXL).
+        self.layer_idx = layer_idx
         self._use_tokenizer(tokenizer)
 
     def _use_tokenizer(self, tokenizer: Any) -> None:
@@ -95,7 +100,14 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def encode_chunk(self, ids: torch.Tensor) -> torch.Tensor:
         """``[B, 77]`` ids -> ``[B, 77, hidden]``: the context of one chunk."""
-        return self.transformer(input_ids=ids).last_hidden_state
+        if self.layer_idx is None:
+            return self.transformer(input_ids=ids).last_hidden_state
+        output = self.transformer(input_ids=ids, output_hidden_states=True)
+        return output.hidden_states[self.layer_idx]
+
+    def parts(self) -> list[FrozenCLIPEmbedder]:
+        """The text encoders of this conditioning (SDXL's conditioner has two)."""
+        return [self]
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +160,11 @@ class FrozenCLIPEmbedder(nn.Module):
         hidden = self.token_embedding().embedding_dim
         triggers = []
         for word, vectors in embeddings.items():
+            if isinstance(vectors, Mapping):
+                raise UserError(
+                    f"embedding {word!r}: an SDXL embedding ({', '.join(vectors)}) on a model "
+                    "with one text encoder"
+                )
             if vectors.ndim != 2 or vectors.shape[1] != hidden or not 0 < len(vectors) <= 75:
                 raise UserError(
                     f"embedding {word!r}: vectors of shape {tuple(vectors.shape)}, expected "
@@ -210,6 +227,12 @@ class FrozenCLIPEmbedder(nn.Module):
     ) -> torch.Tensor:
         """``[B, chunks * 77]`` ids -> ``[B, chunks * 77, hidden]`` context, chunk by chunk;
         ``fixes`` (per row, from :meth:`tokens_and_fixes`) overwrite input embeddings."""
+        return torch.cat(self._encode_chunks(tokens, fixes), dim=1)
+
+    def _encode_chunks(
+        self, tokens: torch.Tensor, fixes: list[list[tuple[int, torch.Tensor]]] | None
+    ) -> list[Any]:
+        """:meth:`encode_chunk` of each chunk of ``tokens``, its embeddings placed."""
         hidden = []
         for start in range(0, tokens.shape[1], CHUNK_SIZE):
             chunk_fixes = [
@@ -223,7 +246,7 @@ class FrozenCLIPEmbedder(nn.Module):
             with self._injected(chunk_fixes):
                 ids = tokens[:, start : start + CHUNK_SIZE].to(self.device)
                 hidden.append(self.encode_chunk(ids))
-        return torch.cat(hidden, dim=1)
+        return hidden
 
     @contextmanager
     def _injected(self, fixes: list[list[tuple[int, torch.Tensor]]]) -> Iterator[None]:
@@ -246,9 +269,18 @@ class FrozenCLIPEmbedder(nn.Module):
         finally:
             handle.remove()
 
+    def chunk_count(self, prompts: list[str], embeddings: Embeddings | None = None) -> int:
+        """The chunks of the longest of ``prompts``."""
+        return max(len(self.prompt_chunks(prompt, embeddings)) for prompt in prompts)
+
     def forward(
-        self, prompts: list[str], min_chunks: int = 1, embeddings: Embeddings | None = None
+        self,
+        prompts: list[str],
+        min_chunks: int = 1,
+        embeddings: Embeddings | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        """The context of ``prompts`` (``size``: SDXL's conditioner's; unused here)."""
         return self.encode_tokens(*self.tokens_and_fixes(prompts, min_chunks, embeddings))
 
     def encode_pair(
@@ -256,6 +288,7 @@ class FrozenCLIPEmbedder(nn.Module):
         prompts: list[str],
         negative_prompts: list[str],
         embeddings: Embeddings | None = None,
+        size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cond and uncond contexts with the same number of chunks."""
         cond = self.tokens_and_fixes(prompts, 1, embeddings)
@@ -299,26 +332,45 @@ class OpenCLIPText(nn.Module):
     """The text half of an OpenCLIP model, with its parameter names."""
 
     def __init__(
-        self, vocab_size: int, width: int, layers: int, heads: int, inner: int, context: int
+        self,
+        vocab_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        inner: int,
+        context: int,
+        projection: int | None = None,
     ) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context, width))
         self.transformer = OpenCLIPTransformer(width, layers, heads, inner)
         self.ln_final = nn.LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.empty(width, width))
+        self.text_projection = nn.Parameter(torch.empty(width, projection or width))
         self.logit_scale = nn.Parameter(torch.empty(()))
+
+    def hidden_states(self, ids: torch.Tensor, layers: int) -> list[torch.Tensor]:
+        """The states after each of the first ``layers`` resblocks."""
+        x = self.token_embedding(ids) + self.positional_embedding.to(self.token_embedding.weight)
+        length = ids.shape[1]
+        mask = torch.full((length, length), float("-inf"), device=x.device).triu(1).to(x.dtype)
+        states = []
+        for block in list(self.transformer.resblocks)[:layers]:
+            x = block(x, mask)
+            states.append(x)
+        return states
 
     def forward(self, ids: torch.Tensor, skip_last: int = 1) -> torch.Tensor:
         """The hidden states after all but the last ``skip_last`` resblocks, through
         ``ln_final`` (``skip_last=1``: SD 2.x's penultimate layer)."""
-        x = self.token_embedding(ids) + self.positional_embedding.to(self.token_embedding.weight)
-        length = ids.shape[1]
-        mask = torch.full((length, length), float("-inf"), device=x.device).triu(1).to(x.dtype)
-        blocks = self.transformer.resblocks
-        for block in list(blocks)[: len(blocks) - skip_last]:
-            x = block(x, mask)
-        return self.ln_final(x)
+        layers = len(self.transformer.resblocks) - skip_last
+        return self.ln_final(self.hidden_states(ids, layers)[-1])
+
+    def pooled(self, last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """OpenCLIP's ``encode_text`` pooling: ``ln_final`` of the last layer's state at the
+        end-of-text token (the highest id), times ``text_projection``."""
+        final = self.ln_final(last)
+        return final[torch.arange(final.shape[0]), ids.argmax(dim=-1)] @ self.text_projection
 
 
 class FrozenOpenCLIPEmbedder(FrozenCLIPEmbedder):
@@ -337,3 +389,158 @@ class FrozenOpenCLIPEmbedder(FrozenCLIPEmbedder):
 
     def encode_chunk(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids, skip_last=1)
+
+
+# --- SDXL: sgm's GeneralConditioner ---------------------------------------------------------
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """sgm's ``FrozenOpenCLIPEmbedder2`` (SDXL's ``embedders.1``, ``layer="penultimate"``,
+    ``legacy=False``): the penultimate resblock's states *without* ``ln_final`` as the context,
+    and the pooled projection of the last resblock's (:meth:`OpenCLIPText.pooled`)."""
+
+    def encode_chunk(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        states = self.model.hidden_states(ids, len(self.model.transformer.resblocks))
+        return states[-2], self.model.pooled(states[-1], ids)
+
+    def encode_tokens(
+        self,
+        tokens: torch.Tensor,
+        fixes: list[list[tuple[int, torch.Tensor]]] | None = None,
+    ) -> torch.Tensor:
+        return self.encode_tokens_pooled(tokens, fixes)[0]
+
+    def encode_tokens_pooled(
+        self,
+        tokens: torch.Tensor,
+        fixes: list[list[tuple[int, torch.Tensor]]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context of every chunk, and the pooled output of the first (as A1111 takes
+        it)."""
+        outputs = self._encode_chunks(tokens, fixes)
+        return torch.cat([context for context, _ in outputs], dim=1), outputs[0][1]
+
+
+def size_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """sgm's ``ConcatTimestepEmbedderND``: ``[B, n]`` numbers -> ``[B, n * dim]``, each one's
+    sinusoidal embedding side by side (diffusers' ``add_time_proj``)."""
+    from backends.original.unet import timestep_embedding
+
+    batch = values.shape[0]
+    return timestep_embedding(values.flatten(), dim).reshape(batch, -1)
+
+
+#: Per trigger word, SDXL's vectors for each text encoder (A1111's ``clip_l`` / ``clip_g``).
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+
+
+class GeneralConditioner(nn.Module):
+    """sgm's ``GeneralConditioner`` of SDXL base as A1111 runs it: ``embedders.0`` (CLIP
+    ViT-L, :class:`FrozenCLIPEmbedder` at ``layer_idx`` -2) and ``embedders.1``
+    (:class:`FrozenOpenCLIPEmbedder2`) on the prompt, their contexts side by side as
+    ``crossattn``; ``vector`` = the pooled projection, then the embeddings of the original
+    size, the crop's top-left corner (0, 0) and the target size (height, width in pixels,
+    ``size_dim`` channels per number). An empty negative prompt's text parts are zeros
+    (A1111's ``force_zero_embeddings=["txt"]``; diffusers' ``force_zeros_for_empty_prompt``).
+
+    ``embeddings``: trigger word -> ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``.
+    """
+
+    def __init__(
+        self, clip: FrozenCLIPEmbedder, openclip: FrozenOpenCLIPEmbedder2, size_dim: int
+    ) -> None:
+        super().__init__()
+        self.embedders = nn.ModuleList([clip, openclip])
+        self.size_dim = size_dim
+
+    def parts(self) -> list[FrozenCLIPEmbedder]:
+        return list(self.embedders)  # type: ignore[arg-type]
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts()[1].device
+
+    @staticmethod
+    def _split(embeddings: Mapping[str, Any] | None) -> list[dict[str, torch.Tensor]]:
+        split: list[dict[str, torch.Tensor]] = [{}, {}]
+        for word, vectors in (embeddings or {}).items():
+            if not isinstance(vectors, Mapping) or set(SDXL_EMBEDDING_KEYS) - set(vectors):
+                raise UserError(
+                    f"embedding {word!r}: SDXL needs vectors for both text encoders "
+                    f"({', '.join(SDXL_EMBEDDING_KEYS)}); this one has "
+                    f"{', '.join(vectors) if isinstance(vectors, Mapping) else 'one tensor'}"
+                )
+            for index, key in enumerate(SDXL_EMBEDDING_KEYS):
+                split[index][word] = vectors[key]
+        return split
+
+    def size_vector(self, batch: int, size: tuple[int, int]) -> torch.Tensor:
+        """The size and crop embeddings of ``batch`` rows at ``size`` (height, width)."""
+        height, width = size
+        numbers = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+        return size_embedding(numbers.expand(batch, -1), self.size_dim)
+
+    def with_size(self, cond: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, Any]:
+        """``cond`` with its size embeddings for another ``size`` (the hires pass)."""
+        vector = cond["vector"]
+        sizes = self.size_vector(vector.shape[0], size).to(vector)
+        pooled = vector[:, : vector.shape[1] - sizes.shape[1]]
+        return {"crossattn": cond["crossattn"], "vector": torch.cat([pooled, sizes], dim=1)}
+
+    def _encode(
+        self,
+        prompts: list[str],
+        chunks: int,
+        embeddings: list[dict[str, torch.Tensor]],
+        size: tuple[int, int],
+        zero: bool,
+    ) -> dict[str, torch.Tensor]:
+        clip, openclip = self.parts()
+        first = clip.encode_tokens(*clip.tokens_and_fixes(prompts, chunks, embeddings[0]))
+        assert isinstance(openclip, FrozenOpenCLIPEmbedder2)
+        second, pooled = openclip.encode_tokens_pooled(
+            *openclip.tokens_and_fixes(prompts, chunks, embeddings[1])
+        )
+        context = torch.cat([first, second.to(first.device, first.dtype)], dim=-1)
+        if zero:
+            context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        sizes = self.size_vector(len(prompts), size).to(pooled.device, pooled.dtype)
+        return {"crossattn": context, "vector": torch.cat([pooled, sizes], dim=1)}
+
+    def _chunks(self, prompt_lists: list[list[str]], embeddings: list[dict[str, Any]]) -> int:
+        return max(
+            part.chunk_count(prompts, part_embeddings)
+            for prompts in prompt_lists
+            for part, part_embeddings in zip(self.parts(), embeddings, strict=True)
+        )
+
+    def forward(
+        self,
+        prompts: list[str],
+        min_chunks: int = 1,
+        embeddings: Mapping[str, Any] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if size is None:
+            raise ValueError("SDXL's conditioning needs the image size")
+        split = self._split(embeddings)
+        chunks = max(min_chunks, self._chunks([prompts], split))
+        return self._encode(prompts, chunks, split, size, zero=False)
+
+    def encode_pair(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        embeddings: Mapping[str, Any] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Cond and uncond conditioning with the same number of chunks."""
+        if size is None:
+            raise ValueError("SDXL's conditioning needs the image size")
+        split = self._split(embeddings)
+        chunks = self._chunks([prompts, negative_prompts], split)
+        zero = all(prompt == "" for prompt in negative_prompts)
+        return (
+            self._encode(prompts, chunks, split, size, zero=False),
+            self._encode(negative_prompts, chunks, split, size, zero=zero),
+        )

@@ -42,9 +42,25 @@ class UNetConfig:
     num_heads: int = 8
     #: SD 2.x: heads of this many channels at every level (``num_heads`` is then -1).
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    #: Transformer blocks per attention layer: one number, or one per level (SDXL's sgm).
+    transformer_depth: int | tuple[int, ...] = 1
+    #: The middle block's (sgm's ``transformer_depth_middle``; default: the last level's).
+    transformer_depth_middle: int | None = None
     context_dim: int = 768
     use_linear_in_transformer: bool = False
+    #: SDXL: width of the ``y`` vector (pooled text + size embeddings) that ``label_emb``
+    #: adds to the timestep embedding (sgm's ``num_classes="sequential"``); 0 = none.
+    adm_in_channels: int = 0
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks at ``level`` (None: the middle block)."""
+        depths = self.transformer_depth
+        if isinstance(depths, int):
+            return depths
+        if level is None:
+            return depths[-1] if self.transformer_depth_middle is None else (
+                self.transformer_depth_middle)
+        return depths[level]
 
     @classmethod
     def from_ldm(cls, params: dict[str, Any]) -> UNetConfig:
@@ -58,9 +74,17 @@ class UNetConfig:
             channel_mult=tuple(params["channel_mult"]),
             num_heads=int(params["num_heads"]),
             num_head_channels=int(params.get("num_head_channels", -1)),
-            transformer_depth=int(params.get("transformer_depth", 1)),
+            transformer_depth=(
+                depth if isinstance(depth := params.get("transformer_depth", 1), int)
+                else tuple(int(d) for d in depth)
+            ),
+            transformer_depth_middle=(
+                None if params.get("transformer_depth_middle") is None
+                else int(params["transformer_depth_middle"])
+            ),
             context_dim=int(params["context_dim"]),
             use_linear_in_transformer=bool(params.get("use_linear_in_transformer", False)),
+            adm_in_channels=int(params.get("adm_in_channels", 0)),
         )
 
 
@@ -275,13 +299,14 @@ class TimestepEmbedSequential(nn.Sequential):
 # --- the model -----------------------------------------------------------------------------
 
 
-def _transformer(config: UNetConfig, ch: int) -> SpatialTransformer:
+def _transformer(config: UNetConfig, ch: int, level: int | None) -> SpatialTransformer:
+    """The attention layer at ``level`` (None: the middle block)."""
     heads = config.num_heads if config.num_head_channels == -1 else ch // config.num_head_channels
     return SpatialTransformer(
         ch,
         heads,
         ch // heads,
-        config.transformer_depth,
+        config.depth(level),
         config.context_dim,
         config.use_linear_in_transformer,
     )
@@ -310,7 +335,7 @@ def build_encoder(
             layers: list[nn.Module] = [ResBlock(ch, time_embed_dim, mult * mc)]
             ch = mult * mc
             if ds in config.attention_resolutions:
-                layers.append(_transformer(config, ch))
+                layers.append(_transformer(config, ch, level))
             input_blocks.append(TimestepEmbedSequential(*layers))
             skip_channels.append(ch)
         if level != len(config.channel_mult) - 1:
@@ -318,7 +343,9 @@ def build_encoder(
             skip_channels.append(ch)
             ds *= 2
     middle_block = TimestepEmbedSequential(
-        ResBlock(ch, time_embed_dim, ch), _transformer(config, ch), ResBlock(ch, time_embed_dim, ch)
+        ResBlock(ch, time_embed_dim, ch),
+        _transformer(config, ch, None),
+        ResBlock(ch, time_embed_dim, ch),
     )
     return input_blocks, middle_block, skip_channels
 
@@ -332,6 +359,14 @@ class UNetModel(nn.Module):
         mc = config.model_channels
         time_embed_dim = mc * 4
         self.time_embed = time_embed_mlp(mc)
+        if config.adm_in_channels:  # sgm's label_emb for num_classes="sequential"
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(config.adm_in_channels, time_embed_dim),
+                    nn.SiLU(),
+                    nn.Linear(time_embed_dim, time_embed_dim),
+                )
+            )
         self.input_blocks, self.middle_block, skip_channels = build_encoder(
             config, config.in_channels, time_embed_dim
         )
@@ -346,7 +381,7 @@ class UNetModel(nn.Module):
                 ]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
-                    layers.append(_transformer(config, ch))
+                    layers.append(_transformer(config, ch, level))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -364,14 +399,19 @@ class UNetModel(nn.Module):
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor | dict[str, torch.Tensor],
         control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``control``: a ControlNet's residuals (``cldm``'s ``ControlledUnetModel``), one
-        per input block then the middle block's, added to the middle block's output and to
-        each skip connection as the output blocks take it."""
+        """``context``: the cross-attention context, or SDXL's conditioning dict
+        (``crossattn`` and the ``vector`` that ``label_emb`` embeds, as sgm's
+        ``OpenAIWrapper`` unpacks it). ``control``: a ControlNet's residuals (``cldm``'s
+        ``ControlledUnetModel``), one per input block then the middle block's, added to the
+        middle block's output and to each skip connection as the output blocks take it."""
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(self.dtype)
         emb = self.time_embed(t_emb)
+        if isinstance(context, dict):
+            emb = emb + self.label_emb(context["vector"].to(self.dtype))
+            context = context["crossattn"]
         context = context.to(self.dtype)
         h = x.to(self.dtype)
         skips = []
