@@ -1,15 +1,20 @@
-"""Writers of the two on-disk layouts of a Stable Diffusion 1.x model.
+"""Writers of the two on-disk layouts of a Stable Diffusion model (SD 1.x, SD 2.x, SDXL).
 
-- The **hub folder** (what ``StableDiffusionPipeline.from_pretrained`` reads):
-  ``model_index.json`` plus ``unet/``, ``vae/``, ``text_encoder/`` (safetensors weights and
-  ``config.json``), ``tokenizer/`` and ``scheduler/``. No safety checker or feature
+- The **hub folder** (what ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
+  ``.from_pretrained`` reads): ``model_index.json`` plus ``unet/``, ``vae/``,
+  ``text_encoder/`` (SDXL also ``text_encoder_2/``; safetensors weights and ``config.json``),
+  ``tokenizer/`` (and ``tokenizer_2/``) and ``scheduler/``. No safety checker or feature
   extractor: both are null in ``model_index.json`` and ``requires_safety_checker`` is false.
-- The **original single file** of the CompVis/LDM release: ``model.diffusion_model.*``
-  (UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*``
-  (CLIP) and the DDPM schedule buffers of ``LatentDiffusion``, as ``.safetensors`` (the spec
-  as JSON in the metadata under :data:`SPEC_METADATA_KEY`) or ``.ckpt`` (a pickled dict
-  ``{"state_dict", "sdbench_spec", "global_step"}`` that ``torch.load(weights_only=True)``
-  reads).
+  :func:`write_hub_folder` streams each weights file a tensor at a time
+  (:func:`stream_safetensors`).
+- The **original single file** of the CompVis/LDM (sgm for SDXL) release:
+  ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE), the text encoders
+  (``cond_stage_model.transformer.text_model.*`` for SD 1.x, ``cond_stage_model.model.*`` for
+  SD 2.x, ``conditioner.embedders.{0,1}.*`` for SDXL) and, but for SDXL, the DDPM schedule
+  buffers of ``LatentDiffusion``, as ``.safetensors`` (the spec as JSON in the metadata under
+  :data:`SPEC_METADATA_KEY`) or ``.ckpt`` (a pickled dict ``{"state_dict", "sdbench_spec",
+  "global_step"}`` that ``torch.load(weights_only=True)`` reads). :func:`write_single_file`
+  converts a hub folder's memory-mapped tensors.
 
 The key mapping ports diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``
 and generalises its hard-coded four levels / two layers to any ``block_out_channels`` and
@@ -20,15 +25,21 @@ and generalises its hard-coded four levels / two layers to any ``block_out_chann
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .specs import ModelSpec
 from .tokenizer import write_tokenizer
+
+if TYPE_CHECKING:
+    from .synth import PlannedTensor
 
 #: Metadata key (safetensors) and dict key (ckpt) of the zoo spec, as JSON.
 SPEC_METADATA_KEY = "sdbench_spec"
@@ -489,21 +500,91 @@ def write_config_folder(spec: ModelSpec, folder: Path, components: Any = None) -
     return folder
 
 
-def write_hub_folder(spec: ModelSpec, components: Any, folder: Path) -> Path:
-    """The full hub folder of ``components`` (safetensors weights in their dtype) in ``folder``."""
-    from transformers.utils import logging as transformers_logging
+#: safetensors' dtype names (the format's header; https://github.com/huggingface/safetensors).
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
-    transformers_logging.disable_progress_bar()  # a bar per shard would interleave run output
+
+def stream_safetensors(
+    path: Path, tensors: Mapping[str, PlannedTensor], metadata: dict[str, str]
+) -> Path:
+    """Write a ``.safetensors`` file drawing one tensor at a time.
+
+    The format's header (8-byte little-endian length, then JSON with each tensor's dtype,
+    shape and byte range) needs only the planned shapes, so each tensor is drawn, written and
+    dropped in turn: the peak is the largest tensor, not the model. safetensors' own writer
+    takes every tensor at once; the file reads back with it like any other.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, planned in tensors.items():
+        size = math.prod(planned.shape) * planned.dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[planned.dtype],
+            "shape": list(planned.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name, planned in tensors.items():
+            value = planned.draw()
+            if tuple(value.shape) != planned.shape or value.dtype != planned.dtype:
+                raise AssertionError(f"{name}: drew {value.dtype} {tuple(value.shape)}, "
+                                     f"planned {planned.dtype} {planned.shape}")
+            handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return path
+
+
+def component_weights_file(folder: Path, component: str) -> Path:
+    """The safetensors weights of a hub folder's ``component`` (diffusers' or transformers'
+    file name)."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    name = SAFETENSORS_WEIGHTS_NAME if component in ("unet", "vae") else SAFE_WEIGHTS_NAME
+    return folder / component / name
+
+
+def write_hub_folder(spec: ModelSpec, folder: Path, seed: int | None = None) -> Path:
+    """The full hub folder of ``spec`` with its seeded random weights (``seed`` overrides
+    ``spec.seed``), each component's safetensors file streamed a tensor at a time in the
+    spec's ``weights_dtype`` (:func:`~models.synth.synthetic_plan`): the tensors of
+    :func:`~models.synth.synthesize`, without the model in memory."""
+    from .synth import empty_components, synthetic_plan
+
+    components = empty_components(spec)
+    dtype = getattr(torch, spec.weights_dtype)
+    for name in spec.text_encoders:  # as transformers' save_pretrained records it
+        getattr(components, name).config.dtype = dtype
     write_config_folder(spec, folder, components)
     for name, model in components.items():
-        model.save_pretrained(folder / name, safe_serialization=True)
+        plan = synthetic_plan(model, spec.seed if seed is None else seed, name, dtype)
+        stream_safetensors(component_weights_file(folder, name), plan, {"format": "pt"})
     return folder
 
 
-def write_single_file(spec: ModelSpec, components: Any, path: Path) -> Path:
-    """The original-layout single file of ``components`` at ``path`` (suffix picks the format)."""
-    states = {name: model.state_dict() for name, model in components.items()}
-    return save_single_file(to_original_state_dict(spec, states), spec, path)
+def read_hub_states(spec: ModelSpec, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Each component's tensors of a hub folder written by :func:`write_hub_folder`,
+    memory-mapped (safetensors reads lazily: nothing is copied into memory)."""
+    from safetensors.torch import load_file
+
+    return {name: load_file(str(component_weights_file(folder, name)))
+            for name in spec.components}
+
+
+def write_single_file(spec: ModelSpec, hub_folder: Path, path: Path) -> Path:
+    """The original-layout single file of the hub folder ``hub_folder`` at ``path`` (suffix
+    picks the format): the folder's memory-mapped tensors under their original names, so the
+    file holds exactly the folder's weights and only the fused and transposed tensors are
+    ever copied into memory."""
+    return save_single_file(to_original_state_dict(spec, read_hub_states(spec, hub_folder)),
+                            spec, path)
 
 
 # --------------------------------------------------------------------------- reverse mapping

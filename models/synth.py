@@ -4,7 +4,9 @@ Every tensor draws from its own ``torch.Generator``, seeded from ``(spec.seed, c
 tensor name)`` through SHA-256, never from torch's global RNG. The weights are therefore the
 same on every run and machine and do not depend on the order in which modules are built.
 The modules are built on the meta device (no throw-away default initialisation), then the
-synthetic tensors are assigned.
+synthetic tensors are assigned (:func:`synthesize`, for a model in memory) or streamed to disk
+one at a time from their plan (:func:`synthetic_plan`; what the zoo does, so that writing even
+the full-size SDXL holds one tensor at a time).
 
 No tensor is zero. The original LDM code zero-initialises several output layers; a zero layer
 makes outputs constant and every parity check vacuous.
@@ -37,8 +39,10 @@ the prompt's (random) effect; every consumer normalises them (GroupNorm), so the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,22 +107,52 @@ def init_scale(module: nn.Module, param: str, shape: torch.Size) -> tuple[float,
     raise TypeError(f"no synthetic init for {type(module).__name__}.{param} {tuple(shape)}")
 
 
-def synthetic_state_dict(
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor known by its shape and dtype before it is drawn (:func:`synthetic_plan`)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    draw: Callable[[], torch.Tensor]
+
+
+def _draw(
+    shape: tuple[int, ...], mean: float, std: float, seed: int, name: str, dtype: torch.dtype
+) -> torch.Tensor:
+    drawn = seeded_normal(shape, mean, std, seed, name)
+    return drawn if dtype == torch.float32 else drawn.to(dtype)
+
+
+def synthetic_plan(
     model: nn.Module, seed: int, component: str, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """Random values for every parameter of ``model`` (which may live on the meta device).
+) -> dict[str, PlannedTensor]:
+    """Every parameter of ``model`` (which may live on the meta device), in state-dict order,
+    with the draw of its random values: what a writer needs to stream a component to disk one
+    tensor at a time (:func:`models.convert.write_hub_folder`).
 
     Each tensor is drawn in fp32 and cast to ``dtype`` at once, so only one fp32 tensor
     exists at a time and the values are the fp32 model's, rounded.
     """
-    state: dict[str, torch.Tensor] = {}
+    plan: dict[str, PlannedTensor] = {}
     for module_name, module in model.named_modules():
         for param, value in module.named_parameters(recurse=False):
             name = f"{module_name}.{param}" if module_name else param
+            shape = tuple(value.shape)
             mean, std = init_scale(module, param, value.shape)
-            drawn = seeded_normal(value.shape, mean, std, seed, f"{component}.{name}")
-            state[name] = drawn if dtype == torch.float32 else drawn.to(dtype)
-    return state
+            plan[name] = PlannedTensor(
+                shape,
+                dtype,
+                functools.partial(_draw, shape, mean, std, seed, f"{component}.{name}", dtype),
+            )
+    return plan
+
+
+def synthetic_state_dict(
+    model: nn.Module, seed: int, component: str, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random values for every parameter of ``model`` (:func:`synthetic_plan`, all drawn)."""
+    return {name: planned.draw() for name, planned in synthetic_plan(model, seed, component,
+                                                                       dtype).items()}
 
 
 def empty_components(spec: ModelSpec) -> Components:

@@ -28,7 +28,7 @@ from harness.errors import UserError
 
 from .convert import write_config_folder, write_hub_folder, write_single_file
 from .specs import SPECS, ModelSpec
-from .synth import Components, empty_components, parameter_counts, synthesize
+from .synth import empty_components, parameter_counts
 
 FORMATS = ("hub", "safetensors", "ckpt")
 
@@ -99,22 +99,22 @@ def materialize(name: str, fmt: str = "hub") -> Path:
 
 
 def materialize_formats(name: str, formats: Iterable[str]) -> dict[str, Path]:
-    """The cached paths of zoo model ``name`` in each of ``formats``, as :func:`materialize`;
-    the formats not cached yet are written from one synthesis."""
+    """The cached paths of zoo model ``name`` in each of ``formats``, as :func:`materialize`.
+
+    The hub folder is streamed from the seeded draws a tensor at a time; a single file is
+    converted from the (cached) hub folder's memory-mapped tensors, so even the full-size SDXL
+    is written holding about one tensor in memory, and every format has the same weights."""
     formats = tuple(formats)
     for fmt in formats:
         _check_format(fmt)
     spec = zoo_spec(name)
     targets = {fmt: model_dir(name) / _entry_name(name, fmt) for fmt in formats}
-    synthesised: list[Components] = []  # synthesised on the first missing format, once
 
     def build(path: Path, fmt: str) -> None:
-        if not synthesised:
-            synthesised.append(synthesize(spec))
         if fmt == "hub":
-            write_hub_folder(spec, synthesised[0], path)
-        else:
-            write_single_file(spec, synthesised[0], path)
+            write_hub_folder(spec, path)
+        else:  # converted from the cached hub folder's memory-mapped tensors
+            write_single_file(spec, materialize(name, "hub"), path)
 
     for fmt, target in targets.items():
         if not target.exists():

@@ -64,30 +64,45 @@ def _same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> bool:
         torch.equal(left[k].float(), right[k].float()) for k in left)
 
 
-def _components_agree(ldm: Any, hub: Any, size: int, tolerance: float) -> None:
-    """The original conditioner, UNet and VAE against the hub pipeline's, on the same
-    inputs: the prompt's context and pooled output (and an empty negative's zeros), one UNet
-    pass with the size/crop vector, one VAE decode."""
-    prompt = "a photograph of an astronaut riding a horse"
-    with torch.no_grad():
-        cond, uncond = ldm.conditioner.encode_pair([prompt], [""], size=(size, size))
-        context, _, pooled, _ = hub.encode_prompt(
-            prompt, device=torch.device("cpu"), num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt="")
-        assert relative_error(cond["crossattn"], context) < tolerance
-        assert relative_error(cond["vector"][:, : pooled.shape[1]], pooled) < tolerance
-        assert not uncond["crossattn"].any() and not uncond["vector"][:, : pooled.shape[1]].any()
+PROMPT = "a photograph of an astronaut riding a horse"
 
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 4, size // 8, size // 8, generator=generator)
-        t = torch.tensor([500.0])
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
-        ours = ldm.unet(x, t, cond)
-        theirs = hub.unet(x, t, encoder_hidden_states=context, added_cond_kwargs={
-            "text_embeds": pooled, "time_ids": time_ids}).sample
-        assert relative_error(ours, theirs) < tolerance
-        assert relative_error(ldm.decode_first_stage(x),
-                              hub.vae.decode(x / hub.vae.config.scaling_factor).sample) < tolerance
+
+def _inputs(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents, a timestep and SDXL's time ids (original size, crop (0, 0), target size)."""
+    x = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    return x, torch.tensor([500.0]), time_ids
+
+
+@torch.no_grad()
+def _diffusers_outputs(pipe: Any, unet: Any, size: int) -> dict[str, torch.Tensor]:
+    """The prompt's context and pooled output, one VAE decode and one UNet pass (with the
+    size/crop conditioning) of diffusers' SDXL components."""
+    context, _, pooled, _ = pipe.encode_prompt(
+        PROMPT, device=torch.device("cpu"), num_images_per_prompt=1,
+        do_classifier_free_guidance=True, negative_prompt="")
+    x, t, time_ids = _inputs(size)
+    return {
+        "context": context, "pooled": pooled,
+        "decoded": pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample,
+        "eps": unet(x, t, encoder_hidden_states=context, added_cond_kwargs={
+            "text_embeds": pooled, "time_ids": time_ids}).sample,
+    }
+
+
+@torch.no_grad()
+def _original_agrees(ldm: Any, reference: dict[str, torch.Tensor], size: int,
+                     tolerance: float) -> None:
+    """The original backend's conditioner (and an empty negative's zeros), UNet (on its own
+    conditioning, size vector included) and VAE against ``reference``."""
+    cond, uncond = ldm.conditioner.encode_pair([PROMPT], [""], size=(size, size))
+    width = reference["pooled"].shape[1]
+    assert relative_error(cond["crossattn"], reference["context"]) < tolerance
+    assert relative_error(cond["vector"][:, :width], reference["pooled"]) < tolerance
+    assert not uncond["crossattn"].any() and not uncond["vector"][:, :width].any()
+    x, t, _ = _inputs(size)
+    assert relative_error(ldm.unet(x, t, cond), reference["eps"]) < tolerance
+    assert relative_error(ldm.decode_first_stage(x), reference["decoded"]) < tolerance
 
 
 def test_tiny_sdxl_layouts_round_trip_and_load_strictly() -> None:
@@ -124,7 +139,7 @@ def test_tiny_sdxl_layouts_round_trip_and_load_strictly() -> None:
     assert isinstance(ldm.conditioner, GeneralConditioner)
     loaded = {checkpoint_key(key, flat_clip=True) for key in ldm.state_dict()}
     assert loaded == set(state)  # every tensor of the file, logit_scale included
-    _components_agree(ldm, hub, 64, 1e-5)
+    _original_agrees(ldm, _diffusers_outputs(hub, hub.unet, 64), 64, 1e-5)
 
 
 def test_tiny_sdxl_agrees_across_backends(tmp_path: Path) -> None:
@@ -204,22 +219,39 @@ def test_a_tiny_community_sdxl_file_names_the_families(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sdxl_full_size_round_trip_components_and_recognition(tmp_path: Path) -> None:
     """``sdxl`` (fp16 weights): the single file is the hub folder's tensors to diffusers and
-    loads strictly into sgm's architecture; conditioner, UNet and VAE agree across the two at
-    the smallest sizes; the file without sdbench metadata is recognised as SDXL base."""
-    from backends.original.checkpoint import load_latent_diffusion
+    loads strictly into sgm's architecture; conditioner, UNet and VAE agree across the two in
+    fp32 at the smallest sizes; the file without sdbench metadata is recognised as SDXL base.
+    One model in memory at a time (the fp32 UNet alone is 10 GB)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    hub, single = _pipelines("sdxl-fp16", torch.float32, torch.float16)  # fp16 as stored
+    from backends.original.checkpoint import load_latent_diffusion
+    from models.convert import read_hub_states
+
+    paths = materialize_formats("sdxl-fp16", ("hub", "safetensors"))
+    single = StableDiffusionXLPipeline.from_single_file(
+        str(paths["safetensors"]), config=str(config_folder("sdxl-fp16")),
+        torch_dtype=torch.float16, local_files_only=True)  # fp16 as stored
+    hub_states = read_hub_states(SPECS["sdxl-fp16"], paths["hub"])  # memory-mapped
     for name in COMPONENTS:
-        assert _same_tensors(getattr(hub, name), getattr(single, name)), name
-    del single
-    path = materialize_formats("sdxl-fp16", ("safetensors",))["safetensors"]
-    ldm = load_latent_diffusion(path, spec_name=None, config_dir=config_folder("sdxl-fp16"))
-    _components_agree(ldm.float(), hub, 64, 1e-4)
-    del ldm, hub
+        theirs, ours = getattr(single, name).state_dict(), hub_states[name]
+        assert set(theirs) == set(ours), name
+        assert all(torch.equal(theirs[key], ours[key]) for key in ours), name
+    del single, hub_states
+
+    hub = StableDiffusionXLPipeline.from_pretrained(
+        str(paths["hub"]), unet=None, torch_dtype=torch.float32, local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(str(paths["hub"] / "unet"),
+                                                torch_dtype=torch.float32)
+    reference = _diffusers_outputs(hub, unet, 64)
+    del hub, unet
+    ldm = load_latent_diffusion(paths["safetensors"], spec_name=None,
+                                config_dir=config_folder("sdxl-fp16"))
+    _original_agrees(ldm.float(), reference, 64, 1e-4)
+    del ldm
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(paths["safetensors"]), framework="pt") as handle:
         assert json.loads(handle.metadata()["sdbench_spec"])["family"] == "sdxl"
     community = tmp_path / "sdxl-community.safetensors"
-    save_file(load_file(str(path)), str(community))  # fp16, no sdbench metadata
+    save_file(load_file(str(paths["safetensors"])), str(community))  # fp16, no sdbench metadata
     assert single_file_spec(community).name == "sdxl"

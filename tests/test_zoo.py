@@ -116,6 +116,31 @@ def test_synthesis_is_deterministic_and_seeded() -> None:
         assert not any(torch.equal(a[key], c[key]) for key in a)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-fp16", "tiny-sdxl"])
+def test_streamed_hub_folder_is_the_synthesised_model(zoo_cache: Path, name: str) -> None:
+    """The zoo streams each component's safetensors file a tensor at a time; the files read
+    back (with safetensors, and as diffusers / transformers load them) as exactly the tensors
+    and dtypes of the model synthesised in memory, and as ``save_pretrained`` would lay them
+    out (file names, ``format`` metadata, configs)."""
+    from safetensors import safe_open
+
+    from models.convert import component_weights_file
+
+    spec = get_spec(name)
+    hub = materialize(name, "hub")
+    for component, model in synthesize(spec).items():
+        expected = model.state_dict()
+        path = component_weights_file(hub, component)
+        with safe_open(str(path), framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}
+            assert set(handle.keys()) == set(expected)
+            for key, value in expected.items():
+                stored = handle.get_tensor(key)
+                assert stored.dtype == value.dtype and torch.equal(stored, value), key
+    text_config = json.loads((hub / "text_encoder" / "config.json").read_text())
+    assert text_config["dtype"] == spec.weights_dtype
+
+
 def test_synthesis_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -227,7 +252,7 @@ def test_materialize_reuses_cache(tiny_hub: Path, monkeypatch: pytest.MonkeyPatc
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(zoo_module, "synthesize", fail)
+    monkeypatch.setattr(zoo_module, "write_hub_folder", fail)
     assert materialize("tiny", "hub") == tiny_hub
     assert (tiny_hub / "unet" / "config.json").stat().st_mtime_ns == mtime
 
@@ -244,7 +269,7 @@ def test_interrupted_build_leaves_nothing(
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zoo_module, "synthesize", boom)
+    monkeypatch.setattr(zoo_module, "write_hub_folder", boom)
     with pytest.raises(KeyboardInterrupt):
         materialize("tiny", "safetensors")
     assert list(model_dir("tiny").iterdir()) == []

@@ -48,12 +48,13 @@ def test_twin_weights_are_the_fp32_weights_rounded() -> None:
 def test_formats_share_one_synthesis_and_store_fp16(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The hub folder is drawn once; the single file is converted from it."""
     monkeypatch.setenv("SDBENCH_CACHE", str(tmp_path))
     calls: list[str] = []
-    real = zoo_module.synthesize
-    monkeypatch.setattr(zoo_module, "synthesize", lambda spec: calls.append(spec.name) or
-                        real(spec))
-    paths = materialize_formats("tiny-fp16", ("hub", "safetensors"))
+    real = zoo_module.write_hub_folder
+    monkeypatch.setattr(zoo_module, "write_hub_folder", lambda spec, path: calls.append(spec.name)
+                        or real(spec, path))
+    paths = materialize_formats("tiny-fp16", ("safetensors", "hub"))
     assert calls == ["tiny-fp16"]
     assert materialize_formats("tiny-fp16", ("hub", "safetensors")) == paths and len(calls) == 1
     with safe_open(str(paths["safetensors"]), "pt") as handle:
