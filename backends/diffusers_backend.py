@@ -291,7 +291,10 @@ class DiffusersSession(Session):
         dtype: torch.dtype,
         offload: str = "none",
         family: str = "sd1",
+        prediction: str | None = None,
     ) -> None:
+        """``prediction``: ``eps`` / ``v`` when it is not the model's scheduler config's
+        (:attr:`models.sources.ResolvedModel.prediction`)."""
         self.pipe = pipe
         #: :data:`models.specs.FAMILIES`: picks the pipelines (SDXL's for ``sdxl``).
         self.family = family
@@ -299,6 +302,10 @@ class DiffusersSession(Session):
         self.dtype = dtype
         self.offload = offload
         self.base_scheduler_config = dict(pipe.scheduler.config)
+        if prediction is not None:
+            from models.specs import PREDICTION_TYPES
+
+            self.base_scheduler_config["prediction_type"] = PREDICTION_TYPES[prediction]
         self.latent_channels = int(pipe.vae.config.latent_channels)
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.unet_in_channels = int(pipe.unet.config.in_channels)
@@ -911,7 +918,7 @@ class DiffusersBackend(Backend):
             pipe = pipeline.from_pretrained(str(model.path), **common)
         pipe.set_progress_bar_config(disable=True)
         self._configure(pipe, cell, device)
-        return DiffusersSession(pipe, device, dtype, cell.offload, family)
+        return DiffusersSession(pipe, device, dtype, cell.offload, family, model.prediction)
 
     @staticmethod
     def _configure(pipe: StableDiffusionPipeline, cell: Cell, device: torch.device) -> None:

@@ -29,6 +29,7 @@ from harness.vocabulary import (
     Device,
     DType,
     Offload,
+    Prediction,
     Source,
     Workflow,
 )
@@ -223,6 +224,8 @@ AXES: tuple[Axis, ...] = (
     Axis("offload", Offload, "none", load=True, quiet="none",
          id=lambda v: "nooffload" if v == "none" else str(v)),
     Axis("source", Source, "hub", load=True, quiet="hub", label=_prefixed("with ")),
+    Axis("prediction", Prediction, "auto", load=True, quiet="auto", id=_prefixed("pred-"),
+         label=_suffixed("-prediction")),
     Axis("device", Device, "auto", load=True),
     Axis("dtype", DType, "fp32", load=True),
     Axis("compile", Compile, "none", load=True,

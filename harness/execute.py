@@ -315,7 +315,8 @@ class CellExecutor:
             backend = get_backend(cell.backend)
             backend.imports()  # Python's imports are not the load's time
             baseline = Baseline.take(device)  # after the backend's imports, before the load
-            model = resolve(cell.model, cell.source)  # may synthesise a zoo model: not timed
+            # may synthesise a zoo model or run A1111's prediction test: not timed
+            model = resolve(cell.model, cell.source, cell.prediction)
             start = time.perf_counter()
             with MemoryMonitor(device, baseline=baseline) as monitor:
                 session = backend.load(cell, model, device)
@@ -446,7 +447,8 @@ class CellExecutor:
             from models import resolve
 
             merged = dataclasses.replace(cell, model=str(path), source="safetensors")
-            return backend.load(merged, resolve(str(path), "safetensors"), device)
+            model = resolve(str(path), "safetensors", merged.prediction)
+            return backend.load(merged, model, device)
 
         context = CheckContext(cell, backend, session, request, output, device, generate)
         ran = run_checks(context, load_merged)

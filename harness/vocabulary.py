@@ -73,6 +73,9 @@ CONTROL_MODES: dict[str, str] = {
 ControlMode = Literal["balanced", "prompt", "controlnet"]
 DType = Literal["fp32", "fp16", "bf16"]
 Offload = Literal["none", "medvram", "lowvram"]
+#: What the UNet predicts: ``auto`` (the model's own config; for an SD 2.x file without
+#: sdbench metadata, A1111's test), or ``eps`` / ``v`` declared.
+Prediction = Literal["auto", "eps", "v"]
 Compile = Literal["none", "default", "reduce-overhead", "max-autotune"]
 Attention = Literal["sdp", "math", "xformers"]
 Device = Literal["auto", "cpu", "cuda"]

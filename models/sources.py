@@ -13,6 +13,7 @@ A scenario's ``model`` is one of:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from harness.errors import UserError
 
 from .convert import read_shapes, read_spec_metadata, single_file_format
-from .specs import SPECS, ModelSpec, get_spec
+from .specs import PREDICTION_TYPES, SPECS, ModelSpec, get_spec
 from .zoo import config_folder, hf_cache_dir, install_in_hf_cache, materialize
 
 
@@ -44,6 +45,11 @@ class ResolvedModel:
     #: A hub-layout folder of the same architecture (component configs and tokenizer, weights
     #: optional): what ``from_single_file(config=...)`` needs offline.
     config_dir: Path | None
+    #: What the UNet predicts when it is not what the model's own config says (``eps`` /
+    #: ``v``: the scenario's ``prediction`` axis, or A1111's test on an SD 2.x file without
+    #: sdbench metadata); ``None``: as the config (the spec, the scheduler config) says. Every
+    #: backend honours it.
+    prediction: str | None = None
 
     @property
     def is_single_file(self) -> bool:
@@ -60,9 +66,9 @@ _UNET_CONTEXT = re.compile(
     r"model\.diffusion_model\.input_blocks\.(\d+)\.1\.transformer_blocks\.0\.attn2\.to_k\.weight"
 )
 #: (UNet width, context width) of an original single file of a third-party release -> its
-#: zoo architecture. SD 2.x files read as the 768-v release (``sd21``, v-prediction): the
-#: 512 px base (eps) has the same shapes, and A1111 tells them apart only by running the UNet
-#: on a test input. SDXL base's context is CLIP ViT-L's 768 + OpenCLIP bigG's 1280.
+#: zoo architecture. SD 2.x files read as the 768-v release's architecture (``sd21``); the
+#: 512 px base (eps) has the same shapes, so what the UNet predicts is A1111's test's answer
+#: (:func:`a1111_prediction`). SDXL base's context is CLIP ViT-L's 768 + OpenCLIP bigG's 1280.
 _KNOWN_SHAPES = {(320, 768): "sd15", (320, 1024): "sd21", (320, 2048): "sdxl"}
 #: What each known architecture is, for the error naming what a file is not.
 _KNOWN_NAMES = (
@@ -72,13 +78,72 @@ _KNOWN_NAMES = (
 _HUB_IGNORE = ["*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.ot", "*.ckpt", "*.pb"]
 
 
-def resolve(reference: str, source: str) -> ResolvedModel:
+def resolve(reference: str, source: str, prediction: str = "auto") -> ResolvedModel:
     """Resolve a scenario's ``model`` reference in the format ``source`` to local files.
+
+    ``prediction`` (the scenario axis): ``eps`` / ``v`` declare what the UNet predicts;
+    ``auto`` keeps the model's own config, except for an SD 2.x single file without sdbench
+    metadata, whose 512 px base (eps) and 768-v releases have the same shapes: A1111's test
+    decides (:func:`a1111_prediction`).
 
     Raises :class:`~harness.errors.UserError` for every reference that cannot be used: a
     missing file, an unknown zoo name, a hub repository that is missing, gated or not cached
     offline, a file of an unrecognised architecture, or a ``source`` that does not fit.
     """
+    if prediction not in ("auto", *PREDICTION_TYPES):
+        raise UserError(f"prediction {prediction!r}: expected auto, {', '.join(PREDICTION_TYPES)}")
+    resolved = _resolve(reference, source)
+    if prediction != "auto":
+        return dataclasses.replace(resolved, prediction=prediction)
+    if resolved.is_single_file and resolved.spec_name is not None:
+        spec = get_spec(resolved.spec_name)
+        if spec.family == "sd2" and read_spec_metadata(resolved.path) is None:
+            return dataclasses.replace(resolved, prediction=a1111_prediction(resolved.path, spec))
+    return resolved
+
+
+def a1111_prediction(path: Path, spec: ModelSpec) -> str:
+    """``v`` or ``eps`` for an SD 2.x single file, decided as A1111 decides it
+    (``is_using_v_parameterization_for_sd2`` in ``modules/sd_models_config.py``): the UNet at
+    t = 999 on latents of 0.5 with a two-token context of 0.5; a v model's output is near
+    ``-x0``, so ``mean(out - x) < -1`` means v. An inpainting UNet (9 input channels) is eps,
+    as the release is. Runs the file's UNet once in fp32 on 8x8 latents."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from .convert import from_original_state_dict, load_ckpt
+
+    if int(spec.unet["in_channels"]) != 4:
+        return "eps"
+    if single_file_format(path) == "safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))  # memory-mapped
+    else:
+        data = load_ckpt(path)
+        tensors = data.get("state_dict", data)
+    states, missing = from_original_state_dict(spec, {
+        key: value for key, value in tensors.items() if key.startswith("model.diffusion_model.")
+    })
+    missing = [key for key in missing if key.startswith("model.diffusion_model.")]
+    if missing:
+        raise UserError(
+            f"model '{path}': its UNet lacks {len(missing)} tensors ({missing[0]}, ...), so "
+            "A1111's prediction test cannot run; expected a complete SD 2.x file"
+        )
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(spec.unet)
+    unet.load_state_dict({k: v.float() for k, v in states["unet"].items()}, strict=True,
+                         assign=True)
+    x = torch.full((1, 4, 8, 8), 0.5)
+    context = torch.full((1, 2, int(spec.unet["cross_attention_dim"])), 0.5)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample
+    return "v" if (out - x).mean().item() < -1 else "eps"
+
+
+def _resolve(reference: str, source: str) -> ResolvedModel:
     if source not in SOURCES:
         raise UserError(f"source {source!r}: expected one of {', '.join(SOURCES)}")
     if reference.startswith(HUB_SCHEME):

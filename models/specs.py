@@ -53,6 +53,9 @@ FAMILIES: dict[str, str] = {
 }
 
 
+#: sdbench's prediction names -> diffusers schedulers' ``prediction_type``.
+PREDICTION_TYPES: dict[str, str] = {"eps": "epsilon", "v": "v_prediction"}
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A zoo model: diffusers component configs plus synthesis settings."""
@@ -101,7 +104,7 @@ class ModelSpec:
     @property
     def prediction(self) -> str:
         """``eps`` or ``v``: what the UNet predicts (the scheduler's ``prediction_type``)."""
-        return "v" if self.scheduler.get("prediction_type") == "v_prediction" else "eps"
+        return "v" if self.scheduler.get("prediction_type") == PREDICTION_TYPES["v"] else "eps"
 
     def text_file_layers(self) -> int:
         """Text-encoder layers in the original single file: the hub's, plus for SD 2.x the
@@ -357,7 +360,7 @@ def _clip(
     }
 
 
-_SD2_V_SCHEDULER: dict[str, Any] = {**_SD1_SCHEDULER, "prediction_type": "v_prediction"}
+_SD2_V_SCHEDULER: dict[str, Any] = {**_SD1_SCHEDULER, "prediction_type": PREDICTION_TYPES["v"]}
 #: The SDXL base release's scheduler (the same betas as SD 1.x, Euler, "leading" spacing).
 _SDXL_SCHEDULER: dict[str, Any] = {
     "_class_name": "EulerDiscreteScheduler",

@@ -52,6 +52,9 @@ def test_semantic_checks_pass_on_both_backends(results: dict[str, Result], backe
     assert inpaint["inpaint_keeps_unmasked"]["status"] == "pass"
     outpaint = _checks(results, f"{backend}-tiny-outpaint-euler-str1-pad16")
     assert outpaint["inpaint_keeps_unmasked"]["status"] == "pass"
+    for family in ("sd21", "sdxl"):
+        outpaint = _checks(results, f"{backend}-tiny-{family}-outpaint-euler-str1-pad16")
+        assert outpaint["inpaint_keeps_unmasked"]["status"] == "pass", family
     for cell_id in (f"{backend}-tiny-hires-euler-str0.5-x2-latent",
                     f"{backend}-tiny-inpaint-inpaint-euler-str1-mask-left"):
         assert _checks(results, cell_id)["determinism"]["status"] == "pass"

@@ -298,6 +298,34 @@ def test_medvram_keeps_one_sub_model_on_the_gpu(
     assert moves.log[-1] == (vae, "cpu") and swapper.in_gpu is None
 
 
+def test_medvram_moves_sdxls_conditioner_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As A1111 does: SDXL's two text encoders go to the GPU together, once per prompt
+    encoding, not in turn for each."""
+    from backends.original.checkpoint import load_latent_diffusion
+    from backends.original.memory import place
+    from models import resolve
+
+    model = resolve("tiny-sdxl", "safetensors")
+    ldm = load_latent_diffusion(model.path, spec_name=None, config_dir=model.config_dir)
+    moves = Moves().install(monkeypatch)
+    clip, openclip = (part.encoder for part in ldm.text.parts())
+    unet = ldm.model.diffusion_model
+    swapper = place(ldm, CUDA, "medvram")
+    assert (ldm.conditioner, "cpu") in moves.log and (clip, "cpu") not in moves.log
+    mark = len(moves.log)
+    ids = torch.tensor([[1, 2, 3] + [0] * 74])  # OpenCLIP's positions are all 77
+    clip(input_ids=ids)
+    openclip(ids)
+    clip(input_ids=ids)
+    cond = {"crossattn": torch.zeros(1, 77, unet.config.context_dim),
+            "vector": torch.zeros(1, unet.config.adm_in_channels)}
+    unet(torch.zeros(1, 4, 8, 8), torch.tensor([10]), cond)
+    assert moves.since(mark) == [
+        (ldm.conditioner, "cuda"), (ldm.conditioner, "cpu"), (unet, "cuda")]
+    assert swapper is not None
+    swapper.remove()
+
+
 def test_lowvram_moves_each_unet_block_for_its_own_forward(
     monkeypatch: pytest.MonkeyPatch, tiny_ldm: Any
 ) -> None:

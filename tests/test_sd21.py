@@ -18,7 +18,7 @@ from harness.errors import UserError
 from harness.matrix import expand
 from harness.runner import Runner
 from harness.scenario import load_scenario
-from models import config_folder, materialize_formats, single_file_spec
+from models import config_folder, materialize_formats, resolve, single_file_spec
 from models.convert import OPENCLIP_PREFIX
 from models.specs import SPECS
 from tests.conftest import write_scenario
@@ -125,6 +125,73 @@ def test_an_unknown_architecture_names_the_families(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"UNet width 32, context 32\); expected an SD 1.x .*, "
                                         r"SD 2.x \(context 1024\) or SDXL base"):
         single_file_spec(tmp_path / "community.safetensors")
+
+
+def _latents(cell: Any, model: Any) -> torch.Tensor:
+    from backends import get_backend
+    from harness.execute import request_for
+    from harness.measure import GenerationTimer
+
+    cpu = torch.device("cpu")
+    session = get_backend(cell.backend).load(cell, model, cpu)
+    with GenerationTimer(cpu) as timer:
+        latents = session.generate(request_for(cell, session), timer).latents
+    session.close()
+    return latents
+
+
+def test_the_prediction_axis_is_honoured_by_both_backends(tmp_path: Path) -> None:
+    """``prediction: auto`` is the model's own (tiny-sd21: v); ``eps`` runs the same UNet as an
+    eps model on both backends alike, and changes the image."""
+    text = TINY_SD21.replace("  embedding: [none, zoo:sbstyle]\n",
+                             "  prediction: [auto, eps, v]\n")
+    cells = expand(load_scenario(write_scenario(tmp_path, text)))
+    latents = {(c.backend, c.prediction): _latents(c, resolve(c.model, c.source, c.prediction))
+               for c in cells}
+    assert resolve("tiny-sd21", "safetensors").prediction is None  # as its spec says
+    for prediction in ("auto", "eps", "v"):
+        assert relative_error(latents["diffusers", prediction],
+                              latents["original", prediction]) < 1e-4, prediction
+    for backend in ("original", "diffusers"):
+        assert torch.equal(latents[backend, "auto"], latents[backend, "v"])
+        assert relative_error(latents[backend, "eps"], latents[backend, "v"]) > 0.1
+
+
+def _community_sd2(tmp_path: Path, out_bias: float) -> Path:
+    """tiny-sd21's single file without sdbench metadata, its UNet's last conv made to answer
+    A1111's test: output ``out_bias`` everywhere."""
+    state = load_file(str(materialize_formats("tiny-sd21", ("safetensors",))["safetensors"]))
+    state["model.diffusion_model.out.2.weight"] = torch.zeros_like(
+        state["model.diffusion_model.out.2.weight"])
+    state["model.diffusion_model.out.2.bias"] = torch.full_like(
+        state["model.diffusion_model.out.2.bias"], out_bias)
+    path = tmp_path / f"community-{out_bias:g}.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_a1111s_test_decides_the_prediction_of_an_sd2_file_without_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A UNet whose output at t = 999 is far below the latents is v, one above is eps; an SD
+    2.x file without sdbench metadata resolves to what the test says (the test widths are no
+    release's, so tiny-sd21's shapes are added to the recognition table here), a declared
+    ``prediction`` wins, and both backends run it."""
+    from models import sources
+
+    spec = SPECS["tiny-sd21"]
+    v_file, eps_file = _community_sd2(tmp_path, -5.0), _community_sd2(tmp_path, 5.0)
+    assert sources.a1111_prediction(v_file, spec) == "v"
+    assert sources.a1111_prediction(eps_file, spec) == "eps"
+    monkeypatch.setitem(sources._KNOWN_SHAPES, (32, 32), "tiny-sd21")
+    assert resolve(str(eps_file), "safetensors").prediction == "eps"
+    assert resolve(str(v_file), "safetensors").prediction == "v"
+    assert resolve(str(eps_file), "safetensors", "v").prediction == "v"
+    text = TINY_SD21.replace("  model: tiny-sd21\n", f"  model: {eps_file}\n").replace(
+        "  embedding: [none, zoo:sbstyle]\n", "")
+    results = Runner(tmp_path / "out", progress=False, isolate="none").run(
+        expand(load_scenario(write_scenario(tmp_path, text))))
+    assert [r.status for r in results] == ["ok", "ok"], [r.reason for r in results]
 
 
 @pytest.mark.slow

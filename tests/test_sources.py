@@ -111,9 +111,14 @@ def test_third_party_file_inferred_by_shapes(
     zoo_cache: Path, tmp_path: Path, width: int, context: int, level: int, spec: str
 ) -> None:
     path = _save_without_metadata(tmp_path / "community.safetensors", width, context, level)
-    resolved = resolve(str(path), "safetensors")
-    assert resolved.spec_name == spec
+    resolved = resolve(str(path), "safetensors", "eps")  # declared: no A1111 test to run
+    assert resolved.spec_name == spec and resolved.prediction == "eps"
     assert (resolved.config_dir / "unet" / "config.json").is_file()
+    if spec == "sd21":  # auto runs A1111's test on the UNet, which this file lacks
+        with pytest.raises(UserError) as error:
+            resolve(str(path), "safetensors")
+        message = _one_line(error)
+        assert "community.safetensors" in message and "A1111's prediction test" in message
 
 
 def test_unrecognised_third_party_file(zoo_cache: Path, tmp_path: Path) -> None:

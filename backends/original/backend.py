@@ -88,6 +88,8 @@ class OriginalSession(Session):
             config_dir=model.config_dir,
             dtype=TORCH_DTYPES[cell.dtype],
         )
+        if model.prediction is not None:  # declared, or A1111's test on an SD 2.x file
+            self.ldm.parameterization = model.prediction
         self.latent_channels = self.ldm.latent_channels
         self.vae_scale_factor = self.ldm.vae_scale_factor
         extra_channels = self.ldm.unet.config.in_channels - self.latent_channels

@@ -3,7 +3,7 @@
 Semantics of A1111's ``lowvram.py``:
 
 - **medvram**: the text encoder (``cond_stage_model.transformer``, SD 2.x's
-  ``cond_stage_model.model``, each of SDXL's two in ``conditioner.embedders``), the UNet
+  ``cond_stage_model.model``; SDXL's whole ``conditioner``, both encoders at once), the UNet
   (``model.diffusion_model``) and the autoencoder (``first_stage_model``) live on the CPU;
   a forward pre-hook on each moves it to the GPU when it is about to run and sends the
   previous occupant back to the CPU, so at most one sub-model is on the GPU at a time.
@@ -67,6 +67,8 @@ def place(model: Any, device: torch.device, offload: str) -> ModuleSwapper | Non
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
     parts = model.text.parts()  # SDXL's conditioner: two text encoders
+    # SDXL: A1111 swaps the conditioner as one (both encoders run on each prompt, in turn)
+    whole_text = len(parts) > 1
     for part in parts:
         part.execution_device = device
     if offload == "none":
@@ -78,7 +80,8 @@ def place(model: Any, device: torch.device, offload: str) -> ModuleSwapper | Non
     # Move everything but the swapped parts to the device, as A1111 detaches them first.
     swapped: list[tuple[nn.Module, str]] = [
         (model, "first_stage_model"),
-        *((part, part.encoder_attribute) for part in parts),
+        *([(model, model.text_attribute)] if whole_text
+          else [(part, part.encoder_attribute) for part in parts]),
     ]
     if offload == "medvram":
         swapped.append((model.model, "diffusion_model"))
@@ -93,7 +96,7 @@ def place(model: Any, device: torch.device, offload: str) -> ModuleSwapper | Non
 
     swapper = ModuleSwapper(device)
     for part in parts:
-        swapper.register(part.encoder)
+        swapper.register(part.encoder, model.text if whole_text else None)
     swapper.register(vae.encoder, vae)
     swapper.register(vae.post_quant_conv, vae)
     if offload == "medvram":
