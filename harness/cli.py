@@ -142,6 +142,18 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    import time
+
+    from models import fetch
+
+    start = time.perf_counter()
+    path = fetch(args.reference, args.revision)
+    print(f"{args.reference}: {path}")
+    print(f"in the Hugging Face cache in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -217,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", nargs="+", choices=("hub", "safetensors", "ckpt"), default=["hub"]
     )
     prepare.set_defaults(handler=_cmd_models_prepare)
+    fetch = model_commands.add_parser(
+        "fetch",
+        help="download hub:ORG/NAME[/FILE] into the Hugging Face cache ahead of a run",
+    )
+    fetch.add_argument("reference", metavar="hub:ORG/NAME[@REVISION][/FILE]")
+    fetch.add_argument("--revision", default=None,
+                       help="branch, tag or commit (default: the reference's, else main)")
+    fetch.set_defaults(handler=_cmd_models_fetch)
 
     for register in _extra_commands():
         register(commands)

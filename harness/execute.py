@@ -196,6 +196,8 @@ class _Loaded:
     failure: tuple[str, str, str | None, str | None] | None = None
     #: The model's diffusers UNet config, for counting a step's FLOPs (:mod:`harness.flops`).
     unet_config: Path | None = None
+    #: A ``hub:`` model: whether it was in the Hugging Face cache (None for the rest).
+    from_cache: bool | None = None
 
 
 @dataclass
@@ -325,6 +327,7 @@ class CellExecutor:
             self._loaded = _Loaded(
                 key, session, time.perf_counter() - start, monitor.peaks(), baseline,
                 unet_config=unet_config_path(model.source, model.path, model.config_dir),
+                from_cache=model.from_cache,
             )
         except Exception as error:  # noqa: BLE001 - every cell of the group reports it
             failed = self.failure(cell, error, device)
@@ -391,6 +394,7 @@ class CellExecutor:
         metrics = measurement.summary()
         metrics["repeats_done"] = len(timings)
         metrics["denoise_steps"] = cell.denoise_steps
+        metrics["model_from_cache"] = loaded.from_cache
         metrics.update(self._flops(cell, device, request, loaded, metrics))
         output = outputs[-1]
         checks = output_checks(output, cell)

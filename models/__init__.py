@@ -23,7 +23,7 @@ from .lora import (
     network_type,
     read_lora,
 )
-from .sources import ResolvedModel, resolve, single_file_spec
+from .sources import ResolvedModel, fetch, resolve, single_file_spec
 from .specs import SPECS, ModelSpec, base_spec, get_spec
 from .synth import Components, parameter_counts, synthesize
 from .tokenizer import write_tokenizer
@@ -73,6 +73,7 @@ __all__ = [
     "read_embedding",
     "read_lora",
     "read_spec_metadata",
+    "fetch",
     "resolve",
     "single_file_spec",
     "synthesize",

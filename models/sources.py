@@ -50,6 +50,9 @@ class ResolvedModel:
     #: sdbench metadata); ``None``: as the config (the spec, the scheduler config) says. Every
     #: backend honours it.
     prediction: str | None = None
+    #: For a ``hub:`` reference: whether its files were in the Hugging Face cache already
+    #: (``False``: downloaded by this resolution, before any clock starts); ``None`` otherwise.
+    from_cache: bool | None = None
 
     @property
     def is_single_file(self) -> bool:
@@ -247,54 +250,128 @@ def _hub_offline() -> bool:
     return value in ("1", "true", "yes", "on") or bool(constants.HF_HUB_OFFLINE)
 
 
-def _parse_hub(reference: str) -> tuple[str, str | None]:
-    """``hub:ORG/NAME[/FILE]`` → (repo id, file name or ``None``)."""
+@dataclass(frozen=True)
+class HubRef:
+    """A ``hub:ORG/NAME[@REVISION][/FILE]`` reference, parsed."""
+
+    repo_id: str
+    revision: str | None = None
+    filename: str | None = None
+
+    @property
+    def page(self) -> str:
+        """The repository's page on the hub in use (``HF_ENDPOINT``)."""
+        from huggingface_hub import constants
+
+        return f"{constants.ENDPOINT.rstrip('/')}/{self.repo_id}"
+
+
+def _parse_hub(reference: str) -> HubRef:
+    """``hub:ORG/NAME[@REVISION][/FILE]`` → its :class:`HubRef`."""
     parts = reference[len(HUB_SCHEME) :].strip("/").split("/", 2)
     if len(parts) < 2 or not all(parts[:2]):
-        raise UserError(f"model {reference!r}: expected {HUB_SCHEME}ORG/NAME (or ORG/NAME/FILE)")
-    return f"{parts[0]}/{parts[1]}", (parts[2] if len(parts) == 3 else None)
+        raise UserError(
+            f"model {reference!r}: expected {HUB_SCHEME}ORG/NAME[@REVISION] (or ORG/NAME/FILE)"
+        )
+    name, _, revision = parts[1].partition("@")
+    if not name or (parts[1].endswith("@") and not revision):
+        raise UserError(f"model {reference!r}: expected {HUB_SCHEME}ORG/NAME@REVISION")
+    return HubRef(f"{parts[0]}/{name}", revision or None, parts[2] if len(parts) == 3 else None)
+
+
+def fetch(reference: str, revision: str | None = None) -> Path:
+    """Download ``hub:ORG/NAME[@REVISION][/FILE]`` into the Hugging Face cache (with
+    huggingface_hub's progress bars), so that a run finds it there: the folder's weights,
+    configs and tokenizers, or the one file. ``revision`` overrides the reference's.
+
+    Raises :class:`~harness.errors.UserError` with what to do for a gated repository
+    without a token or without access, a rejected token, a missing repository, revision or
+    file, and an offline machine without the files.
+    """
+    if not reference.startswith(HUB_SCHEME):
+        raise UserError(f"model {reference!r}: expected {HUB_SCHEME}ORG/NAME[@REVISION][/FILE]")
+    ref = _parse_hub(reference)
+    if revision:
+        ref = dataclasses.replace(ref, revision=revision)
+    zoo_name = next((name for name, spec in SPECS.items() if spec.repo_id == ref.repo_id), None)
+    offline = _hub_offline()
+    if zoo_name is not None:  # the zoo's repos exist only in the local cache
+        install_in_hf_cache(zoo_name)
+        offline = True
+    with _hub_errors(reference, ref, offline):
+        if ref.filename is not None:
+            return _download_file(ref, ref.filename, offline)
+        return _download_folder(ref, offline)
 
 
 def _resolve_hub(reference: str, source: str) -> ResolvedModel:
-    repo_id, filename = _parse_hub(reference)
-    zoo_name = next((name for name, spec in SPECS.items() if spec.repo_id == repo_id), None)
+    ref = _parse_hub(reference)
+    if ref.filename is not None and source == "hub":
+        raise UserError(
+            f"model {reference!r}: names a file, but source is 'hub'; expected source "
+            f"safetensors or ckpt (or {HUB_SCHEME}{ref.repo_id} for the hub folder)"
+        )
+    zoo_name = next((name for name, spec in SPECS.items() if spec.repo_id == ref.repo_id), None)
     offline = _hub_offline()
     if zoo_name is not None:
         install_in_hf_cache(zoo_name, formats=(source,))
         offline = True  # the zoo's repos exist only in the local cache
-    with _hub_errors(reference, offline):
-        if source == "hub":
-            path = _download_folder(repo_id, offline)
-        else:
-            path = _download_single_file(reference, repo_id, source, filename, offline)
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    with _hub_errors(reference, ref, offline):
+        try:  # the cache first: a run never waits for the network when the files are there
+            path = _download(reference, ref, source, offline=True)
+            # a snapshot that holds only a single file of the repo is no hub folder
+            from_cache = source != "hub" or (path / "model_index.json").is_file() or offline
+        except LocalEntryNotFoundError:
+            if offline:
+                raise
+            from_cache = False
+        if not from_cache:
+            path = _download(reference, ref, source, offline=False)
     if source == "hub":
         resolved = _resolve_folder(reference, path, "hub")
         spec_name = zoo_name or resolved.spec_name
         config_dir = config_folder(zoo_name) if zoo_name else path
-        return ResolvedModel(reference, "hub", path, spec_name, config_dir)
+        return ResolvedModel(reference, "hub", path, spec_name, config_dir, from_cache=from_cache)
     spec = single_file_spec(path)
-    return ResolvedModel(reference, source, path, spec.name, config_folder(spec))
+    return ResolvedModel(reference, source, path, spec.name, config_folder(spec),
+                         from_cache=from_cache)
 
 
-def _download_folder(repo_id: str, offline: bool) -> Path:
+def _download(reference: str, ref: HubRef, source: str, offline: bool) -> Path:
+    if source == "hub":
+        return _download_folder(ref, offline)
+    return _download_single_file(reference, ref, source, offline)
+
+
+def _download_folder(ref: HubRef, offline: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     folder = snapshot_download(
-        repo_id, cache_dir=hf_cache_dir(), local_files_only=offline, ignore_patterns=_HUB_IGNORE
+        ref.repo_id, revision=ref.revision, cache_dir=hf_cache_dir(), local_files_only=offline,
+        ignore_patterns=_HUB_IGNORE,
     )
     return Path(folder)
 
 
-def _download_single_file(
-    reference: str, repo_id: str, fmt: str, filename: str | None, offline: bool
-) -> Path:
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+def _download_file(ref: HubRef, filename: str, offline: bool) -> Path:
+    from huggingface_hub import hf_hub_download
 
+    return Path(hf_hub_download(ref.repo_id, filename, revision=ref.revision,
+                                cache_dir=hf_cache_dir(), local_files_only=offline))
+
+
+def _download_single_file(reference: str, ref: HubRef, fmt: str, offline: bool) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+
+    filename = ref.filename
     if filename is None:
         if offline:
             folder = Path(
                 snapshot_download(
-                    repo_id,
+                    ref.repo_id,
+                    revision=ref.revision,
                     cache_dir=hf_cache_dir(),
                     local_files_only=True,
                     allow_patterns=[f"*.{fmt}"],
@@ -304,51 +381,80 @@ def _download_single_file(
         else:
             names = sorted(
                 f
-                for f in HfApi().list_repo_files(repo_id)
+                for f in HfApi().list_repo_files(ref.repo_id, revision=ref.revision)
                 if "/" not in f and f.endswith(f".{fmt}")
             )
         if len(names) != 1:
             found = ", ".join(names) if names else "none"
             raise UserError(
                 f"model {reference!r}: expected one .{fmt} file at the repo root, found {found}; "
-                f"name it as {HUB_SCHEME}{repo_id}/FILE"
+                f"name it as {HUB_SCHEME}{ref.repo_id}/FILE"
             )
         filename = names[0]
-    local = hf_hub_download(repo_id, filename, cache_dir=hf_cache_dir(), local_files_only=offline)
-    return Path(local)
+    return _download_file(ref, filename, offline)
 
 
 @contextmanager
-def _hub_errors(reference: str, offline: bool) -> Iterator[None]:
-    """Turn huggingface_hub's errors into one-line :class:`UserError` messages."""
+def _hub_errors(reference: str, ref: HubRef, offline: bool) -> Iterator[None]:
+    """Turn huggingface_hub's errors into one-line :class:`UserError` messages that name the
+    repository and say what to do. The token is huggingface_hub's business (``HF_TOKEN``, the
+    ``hf auth login`` file): only whether there is one is read, never its value."""
+    from huggingface_hub import get_token
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     unreachable: tuple[type[BaseException], ...] = (OSError, *_connection_errors())
+    repo = ref.repo_id
     try:
         yield
     except GatedRepoError:
+        if get_token() is None:
+            raise UserError(
+                f"model {reference!r}: {repo} is gated and no Hugging Face token is set; "
+                f"accept its licence at {ref.page}, then set HF_TOKEN (or run `hf auth login`)"
+            ) from None
         raise UserError(
-            f"model {reference!r}: the repository is gated; accept its terms on huggingface.co "
-            "and log in (HF_TOKEN or `hf auth login`) with an account that has access"
+            f"model {reference!r}: {repo} is gated and the Hugging Face token in use has no "
+            f"access; accept its licence at {ref.page} with that token's account"
         ) from None
     except RepositoryNotFoundError:
+        private = ("that the token in use has access to it" if get_token() is not None
+                   else "a Hugging Face token (set HF_TOKEN)")
         raise UserError(
-            f"model {reference!r}: repository not found on the Hugging Face hub (or private and "
-            "no token with access); expected an existing ORG/NAME"
+            f"model {reference!r}: repository {repo} not found on the Hugging Face hub; check "
+            f"the name (a private repository also needs {private})"
+        ) from None
+    except RevisionNotFoundError:
+        raise UserError(
+            f"model {reference!r}: revision {ref.revision!r} not found in {repo}; expected a "
+            "branch, tag or commit of it"
         ) from None
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
         raise UserError(
-            f"model {reference!r}: not in the local Hugging Face cache and {why}; "
-            "expected a cached snapshot (download it once with network access)"
+            f"model {reference!r}: not in the local Hugging Face cache and {why}; run "
+            f"`python -m harness models fetch {reference}` with network access first"
         ) from None
     except EntryNotFoundError:
-        raise UserError(f"model {reference!r}: file not found in the repository") from None
+        raise UserError(
+            f"model {reference!r}: file {ref.filename!r} not found in {repo}"
+        ) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise UserError(
+                f"model {reference!r}: the Hugging Face hub rejected the token in use "
+                "(invalid or expired); set HF_TOKEN to a valid token or run `hf auth login`"
+            ) from None
+        raise UserError(
+            f"model {reference!r}: the Hugging Face hub answered HTTP {status} for {repo}"
+        ) from None
     except unreachable as error:
         raise UserError(
             f"model {reference!r}: cannot reach the Hugging Face hub ({type(error).__name__}); "

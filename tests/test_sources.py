@@ -10,7 +10,6 @@ import torch
 
 from harness.errors import UserError
 from models import config_folder, install_in_hf_cache, materialize, resolve
-from models import sources as sources_module
 
 
 @pytest.fixture(scope="session")
@@ -178,31 +177,3 @@ def test_bad_hub_reference() -> None:
         resolve("hub:justaname", "hub")
 
 
-def _http_error(cls: type[Exception]) -> Exception:
-    import httpx2
-
-    request = httpx2.Request("GET", "https://huggingface.co/api/models/org/name")
-    return cls("boom", response=httpx2.Response(401, request=request))
-
-
-@pytest.mark.parametrize(
-    ("error", "expected"),
-    [
-        ("GatedRepoError", "gated"),
-        ("RepositoryNotFoundError", "repository not found"),
-    ],
-)
-def test_hub_errors_become_one_line(
-    error: str, expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    from huggingface_hub import errors
-
-    def raise_error(*args: object, **kwargs: object) -> None:
-        raise _http_error(getattr(errors, error))
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(sources_module, "_download_folder", raise_error)
-    with pytest.raises(UserError) as info:
-        resolve("hub:org/name", "hub")
-    assert expected in _one_line(info) and "'hub:org/name'" in str(info.value)
