@@ -374,6 +374,12 @@ _SDXL_SCHEDULER: dict[str, Any] = {
     "prediction_type": "epsilon",
     "use_karras_sigmas": False,
     "trained_betas": None,
+    # the release's config carries these for the schedulers it is swapped for (DDIM's
+    # defaults would clip x0 and set alpha_0 to one)
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "sample_max_value": 1.0,
 }
 
 

@@ -43,3 +43,28 @@ def write_scenario(directory: Path, text: str, name: str = "scenario.yaml") -> P
     path = directory / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def assert_agrees_across_backends(directory: Path, scenario: str) -> None:
+    """Run a model family's scenario (``scenario``: txt2img, plain and with an embedding, on
+    both backends) plus the zoo's two LoRAs on each backend; every cell passes its checks
+    (the LoRA semantics, merged into the single file by hand, included) and the diffusers
+    cells' latents are within 1e-4 relative of the original's."""
+    from harness.matrix import expand
+    from harness.runner import Runner
+    from harness.scenario import load_scenario
+
+    text = scenario + ('  include:\n'
+                       '    - {backend: original, lora: "zoo:style@0.5+zoo:detail@1"}\n'
+                       '    - {backend: diffusers, lora: "zoo:style@0.5+zoo:detail@1"}\n')
+    cells = expand(load_scenario(write_scenario(directory, text)))
+    results = Runner(directory / "out", progress=False, isolate="none").run(cells)
+    assert len(results) == 6
+    for result in results:
+        assert result.status == "ok", result.reason
+        checks = {n: c["status"] for n, c in result.metrics["check_results"].items()}
+        assert set(checks.values()) == {"pass"}, (result.cell.id, checks)
+        if result.cell.lora != "none":
+            assert {"lora_strength0", "lora_monotonic", "lora_merged"} <= set(checks)
+        if result.cell.backend == "diffusers":
+            assert result.metrics["parity_latent_rel_err"] <= 1e-4

@@ -98,7 +98,8 @@ def test_parity_where_both_backends_compute_the_same(results: dict[str, Result])
                     "diffusers-tiny-sd21-txt2img-euler", "diffusers-tiny-sd21-img2img-euler-str0.5",
                     "diffusers-tiny-sd21-hires-euler-str0.5-x2-latent",
                     "diffusers-tiny-sd21-txt2img-euler-embedding-sbstyle",
-                    "diffusers-tiny-sdxl-txt2img-euler", "diffusers-tiny-sdxl-img2img-euler-str0.5",
+                    "diffusers-tiny-sdxl-txt2img-euler", "diffusers-tiny-sdxl-txt2img-ddim",
+                    "diffusers-tiny-sdxl-img2img-euler-str0.5",
                     "diffusers-tiny-sdxl-hires-euler-str0.5-x2-latent",
                     "diffusers-tiny-sdxl-txt2img-euler-embedding-sbstyle",
                     "diffusers-tiny-sdxl-txt2img-euler-lora-style@0.5+detail@1.0"):

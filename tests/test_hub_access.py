@@ -24,6 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 GOOD = "hf_sdbenchGoodToken0123456789"  # has accepted acme/gated's licence
 OTHER = "hf_sdbenchOtherToken0123456789"  # a valid token of an account without access
 BAD = "hf_sdbenchRevokedToken0123456789"  # not a token the hub knows
+#: tiny from the hub, and a gated copy.
+SCENARIO = """
+name: hub
+prompt: a house
+repeats: 1
+warmup: 0
+matrix:
+  backend: diffusers
+  model: [hub:acme/tiny, hub:acme/gated]
+  resolution: 64
+  steps: 2
+"""
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +140,7 @@ def test_runs_record_whether_the_model_came_from_the_cache(hub: FakeHub, tmp_pat
     downloaded by the resolution, before the load's clock, and says so; a repository that
     cannot be had fails its cells with the reason and the run goes on."""
     fetch("hub:acme/tiny")
-    text = """
-name: hub
-prompt: a house
-repeats: 1
-warmup: 0
-matrix:
-  backend: diffusers
-  model: [hub:acme/tiny, hub:acme/gated]
-  source: hub
-  resolution: 64
-  steps: 2
-  include:
-    - {model: hub:acme/single/tiny.safetensors, source: safetensors}
-"""
+    text = SCENARIO + "  include:\n    - {model: hub:acme/single/tiny.safetensors, source: safetensors}\n"
     results = Runner(tmp_path / "out", progress=False, isolate="none").run(
         expand(load_scenario(write_scenario(tmp_path, text))))
     by_model = {r.cell.model: r for r in results}
@@ -167,17 +166,7 @@ def test_the_token_never_reaches_output_results_or_reports(
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert fetched.returncode == 0, fetched.stderr
     assert "hub:acme/tiny: " in fetched.stdout and "Fetching" in fetched.stderr
-    scenario = write_scenario(tmp_path, """
-name: token
-prompt: a house
-repeats: 1
-warmup: 0
-matrix:
-  backend: diffusers
-  model: [hub:acme/tiny, hub:acme/gated]
-  resolution: 64
-  steps: 2
-""")
+    scenario = write_scenario(tmp_path, SCENARIO)
     out = tmp_path / "out"
     ran = subprocess.run(
         [sys.executable, "-m", "harness", "run", str(scenario), "--out", str(out),

@@ -21,7 +21,7 @@ from harness.scenario import load_scenario
 from models import config_folder, materialize_formats, resolve, single_file_spec
 from models.convert import OPENCLIP_PREFIX
 from models.specs import SPECS
-from tests.conftest import write_scenario
+from tests.conftest import assert_agrees_across_backends, write_scenario
 
 TINY_SD21 = """
 name: sd21
@@ -103,20 +103,7 @@ def test_tiny_sd21_agrees_across_backends(tmp_path: Path) -> None:
     """txt2img plain, with an embedding and with two LoRAs (kohya's CLIP names on OpenCLIP's
     fused q/k/v in the original backend): parity ≤ 1e-4 (fp32, euler) and every check passes,
     the LoRA merged into the single file by hand included."""
-    text = TINY_SD21 + ('  include:\n'
-                        '    - {backend: original, lora: "zoo:style@0.5+zoo:detail@1"}\n'
-                        '    - {backend: diffusers, lora: "zoo:style@0.5+zoo:detail@1"}\n')
-    cells = expand(load_scenario(write_scenario(tmp_path, text)))
-    results = Runner(tmp_path / "out", progress=False, isolate="none").run(cells)
-    assert len(results) == 6
-    for result in results:
-        assert result.status == "ok", result.reason
-        checks = {n: c["status"] for n, c in result.metrics["check_results"].items()}
-        assert set(checks.values()) == {"pass"}, (result.cell.id, checks)
-        if result.cell.lora != "none":
-            assert {"lora_strength0", "lora_monotonic", "lora_merged"} <= set(checks)
-        if result.cell.backend == "diffusers":
-            assert result.metrics["parity_latent_rel_err"] <= 1e-4
+    assert_agrees_across_backends(tmp_path, TINY_SD21)
 
 
 def test_an_unknown_architecture_names_the_families(tmp_path: Path) -> None:
