@@ -198,6 +198,8 @@ class _Loaded:
     unet_config: Path | None = None
     #: A ``hub:`` model: whether it was in the Hugging Face cache (None for the rest).
     from_cache: bool | None = None
+    #: What the loaded UNet predicts when not its config's (:attr:`ResolvedModel.prediction`).
+    prediction: str | None = None
 
 
 @dataclass
@@ -328,6 +330,7 @@ class CellExecutor:
                 key, session, time.perf_counter() - start, monitor.peaks(), baseline,
                 unet_config=unet_config_path(model.source, model.path, model.config_dir),
                 from_cache=model.from_cache,
+                prediction=model.prediction,
             )
         except Exception as error:  # noqa: BLE001 - every cell of the group reports it
             failed = self.failure(cell, error, device)
@@ -451,7 +454,9 @@ class CellExecutor:
             from models import resolve
 
             merged = dataclasses.replace(cell, model=str(path), source="safetensors")
-            model = resolve(str(path), "safetensors", merged.prediction)
+            # the merged file carries the spec; the prediction is the loaded model's
+            prediction = self._loaded.prediction if self._loaded is not None else None
+            model = dataclasses.replace(resolve(str(path), "safetensors"), prediction=prediction)
             return backend.load(merged, model, device)
 
         context = CheckContext(cell, backend, session, request, output, device, generate)

@@ -144,15 +144,12 @@ def test_the_prediction_axis_is_honoured_by_both_backends(tmp_path: Path) -> Non
         assert relative_error(latents[backend, "eps"], latents[backend, "v"]) > 0.1
 
 
-def _community_sd2(tmp_path: Path, out_bias: float) -> Path:
-    """tiny-sd21's single file without sdbench metadata, its UNet's last conv made to answer
-    A1111's test: output ``out_bias`` everywhere."""
+def _community_sd2(tmp_path: Path, shift: float) -> Path:
+    """tiny-sd21's single file without sdbench metadata, its UNet's output shifted by
+    ``shift`` (the last conv's bias) so that it answers A1111's test one way or the other."""
     state = load_file(str(materialize_formats("tiny-sd21", ("safetensors",))["safetensors"]))
-    state["model.diffusion_model.out.2.weight"] = torch.zeros_like(
-        state["model.diffusion_model.out.2.weight"])
-    state["model.diffusion_model.out.2.bias"] = torch.full_like(
-        state["model.diffusion_model.out.2.bias"], out_bias)
-    path = tmp_path / f"community-{out_bias:g}.safetensors"
+    state["model.diffusion_model.out.2.bias"] = state["model.diffusion_model.out.2.bias"] + shift
+    path = tmp_path / f"community-{shift:g}.safetensors"
     save_file(state, str(path))
     return path
 
@@ -163,7 +160,8 @@ def test_a1111s_test_decides_the_prediction_of_an_sd2_file_without_metadata(
     """A UNet whose output at t = 999 is far below the latents is v, one above is eps; an SD
     2.x file without sdbench metadata resolves to what the test says (the test widths are no
     release's, so tiny-sd21's shapes are added to the recognition table here), a declared
-    ``prediction`` wins, and both backends run it."""
+    ``prediction`` wins, and both backends run it as eps, the LoRA merged into the file by
+    hand included."""
     from models import sources
 
     spec = SPECS["tiny-sd21"]
@@ -175,10 +173,13 @@ def test_a1111s_test_decides_the_prediction_of_an_sd2_file_without_metadata(
     assert resolve(str(v_file), "safetensors").prediction == "v"
     assert resolve(str(eps_file), "safetensors", "v").prediction == "v"
     text = TINY_SD21.replace("  model: tiny-sd21\n", f"  model: {eps_file}\n").replace(
-        "  embedding: [none, zoo:sbstyle]\n", "")
+        "  embedding: [none, zoo:sbstyle]\n", '  lora: "zoo:style@0.5"\n')
     results = Runner(tmp_path / "out", progress=False, isolate="none").run(
         expand(load_scenario(write_scenario(tmp_path, text))))
     assert [r.status for r in results] == ["ok", "ok"], [r.reason for r in results]
+    for result in results:
+        checks = {n: c["status"] for n, c in result.metrics["check_results"].items()}
+        assert set(checks.values()) == {"pass"} and "lora_merged" in checks, checks
 
 
 @pytest.mark.slow
