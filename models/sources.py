@@ -296,7 +296,8 @@ def fetch(reference: str, revision: str | None = None) -> Path:
     zoo_name = next((name for name, spec in SPECS.items() if spec.repo_id == ref.repo_id), None)
     offline = _hub_offline()
     if zoo_name is not None:  # the zoo's repos exist only in the local cache
-        install_in_hf_cache(zoo_name)
+        fmt = single_file_format(Path(ref.filename)) if ref.filename else None
+        install_in_hf_cache(zoo_name, formats=(fmt or "hub",))
         offline = True
     with _hub_errors(reference, ref, offline):
         if ref.filename is not None:
