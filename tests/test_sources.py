@@ -148,11 +148,15 @@ def test_zoo_model_in_hf_cache_resolves_offline(hf_offline: Path) -> None:
     assert torch.equal(pipeline.unet.state_dict()["conv_in.weight"], expected[key])
 
 
-def test_hub_reference_to_zoo_repo(hf_offline: Path) -> None:
-    resolved = resolve("hub:sdbench/tiny", "hub")
-    assert resolved.spec_name == "tiny" and resolved.source == "hub"
+@pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])
+def test_hub_reference_to_zoo_repo(hf_offline: Path, name: str) -> None:
+    resolved = resolve(f"hub:sdbench/{name}", "hub")
+    assert resolved.spec_name == name and resolved.source == "hub"
+    assert resolved.from_cache is True  # the zoo installs it there
     assert str(resolved.path).startswith(str(hf_offline))
     assert (resolved.path / "model_index.json").is_file()
+    if name == "tiny-sdxl":
+        assert {"text_encoder_2", "tokenizer_2"} <= {p.name for p in resolved.path.iterdir()}
 
 
 def test_hub_reference_single_file(hf_offline: Path) -> None:
