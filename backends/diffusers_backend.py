@@ -296,6 +296,10 @@ class DiffusersSession(Session):
         """``prediction``: ``eps`` / ``v`` when it is not the model's scheduler config's
         (:attr:`models.sources.ResolvedModel.prediction`)."""
         self.pipe = pipe
+        #: Where the pipeline runs (its offload hooks' device under medvram / lowvram). diffusers'
+        #: ``_execution_device`` walks every module of every component on each read: read once
+        #: here, not in every generation.
+        self.execution_device: torch.device = pipe._execution_device
         #: :data:`models.specs.FAMILIES`: picks the pipelines (SDXL's for ``sdxl``).
         self.family = family
         self.device = device
@@ -405,7 +409,7 @@ class DiffusersSession(Session):
                 "control mode prompt (My prompt is more important): diffusers has no soft "
                 "injection on both passes; its guess_mode is the controlnet mode"
             )
-        device = self.pipe._execution_device
+        device = self.execution_device
         images = [
             torch.from_numpy(np.ascontiguousarray(ref.image, dtype=np.float32))
             .permute(2, 0, 1)[None]
@@ -584,7 +588,7 @@ class DiffusersSession(Session):
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         self.prepare(request)
         pipe = self.pipe
-        device = pipe._execution_device
+        device = self.execution_device
         cfg = request.guidance > 1.0
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
 
@@ -658,7 +662,7 @@ class DiffusersSession(Session):
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
         """The init latents of ``image`` as img2img / inpaint compute them, on the CPU."""
-        pixels = _pixels(image, self.pipe._execution_device, self.dtype)
+        pixels = _pixels(image, self.execution_device, self.dtype)
         return self._vae_encode(pixels).float().cpu()
 
     def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -716,7 +720,7 @@ class DiffusersSession(Session):
             last_pass=True,
             height=request.height,
             width=request.width,
-            latents=request.noise.to(device=self.pipe._execution_device, dtype=self.dtype),
+            latents=request.noise.to(device=self.execution_device, dtype=self.dtype),
             output_type="np",
             **common,
         )
@@ -789,7 +793,7 @@ class DiffusersSession(Session):
             last_pass=False,
             height=request.height,
             width=request.width,
-            latents=request.noise.to(device=self.pipe._execution_device, dtype=self.dtype),
+            latents=request.noise.to(device=self.execution_device, dtype=self.dtype),
             output_type="latent",
             **common,
         )
