@@ -42,6 +42,8 @@ class ChunkedAttentionSession(Session):
     def __init__(self, pipe: Any, dtype: torch.dtype) -> None:
         self.pipe = pipe
         self.dtype = dtype
+        # diffusers walks every module on each read of _execution_device: once, not per call
+        self.device = pipe._execution_device
         self._scheduler_config = dict(pipe.scheduler.config)
         self._sampler: str | None = None
         self.vae_scale_factor = int(pipe.vae_scale_factor)
@@ -64,7 +66,7 @@ class ChunkedAttentionSession(Session):
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         self.prepare(request)
         pipe = self.pipe
-        device = pipe._execution_device
+        device = self.device
         cfg = request.guidance > 1.0
         with timer.phase("encode"):
             prompt_embeds, negative_embeds = pipe.encode_prompt(
