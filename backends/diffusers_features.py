@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,17 +76,35 @@ def lora_adapter_name(path: Path) -> str:
     return f"{stem}_{digest}"
 
 
-def _text_encoders(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
-    """(kohya prefix, text encoder) of a pipeline: ``lora_te_``; SDXL's ``lora_te1_`` and
-    ``lora_te2_``. transformers ≥ 5.6 flattened ``CLIPTextModel`` (no ``text_model.``
-    level), while kohya files name its modules ``text_model_…`` either way."""
-    encoders = [pipe.text_encoder]
+@dataclass(frozen=True)
+class _TextEncoder:
+    """One text encoder of a pipeline, with what LoRA and embedding files address it by."""
+
+    module: torch.nn.Module
+    tokenizer: Any
+    #: kohya's prefix of its module names (``lora_te_``; SDXL's ``lora_te1_`` / ``lora_te2_``),
+    #: with ``text_model_`` when the module has no such level: transformers ≥ 5.6 flattened
+    #: ``CLIPTextModel``, while kohya files name its modules ``text_model_…`` either way.
+    kohya_prefix: str
+    #: The key of its vectors in an SDXL embedding file (``clip_l`` / ``clip_g``); None for a
+    #: model with one text encoder.
+    embedding_key: str | None
+
+
+def _text_encoders(pipe: Any) -> list[_TextEncoder]:
+    """The pipeline's text encoders: ``text_encoder``, and SDXL's ``text_encoder_2``."""
+    from models.embeddings import SDXL_KEYS
+    from models.lora import kohya_text_prefixes
+
+    pairs = [(pipe.text_encoder, pipe.tokenizer)]
     if getattr(pipe, "text_encoder_2", None) is not None:
-        encoders.append(pipe.text_encoder_2)
-    prefixes = ["lora_te_"] if len(encoders) == 1 else ["lora_te1_", "lora_te2_"]
+        pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
+    keys = (None,) if len(pairs) == 1 else SDXL_KEYS
     return [
-        (prefix if hasattr(encoder, "text_model") else prefix + "text_model_", encoder)
-        for prefix, encoder in zip(prefixes, encoders, strict=True)
+        _TextEncoder(module, tokenizer,
+                     prefix if hasattr(module, "text_model") else prefix + "text_model_", key)
+        for (module, tokenizer), prefix, key in zip(
+            pairs, kohya_text_prefixes(len(pairs)), keys, strict=True)
     ]
 
 
@@ -98,7 +117,8 @@ def kohya_module_names(pipe: Any) -> dict[str, str]:
 
     adaptable = (torch.nn.Linear, torch.nn.Conv2d)
     unet = pipe.unet
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    encoders = _text_encoders(pipe)
+    sdxl = len(encoders) == 2
     prefixes = unet_prefix_map(dict(unet.config)) if sdxl else None
     names: dict[str, str] = {}
     for name, module in unet.named_modules():
@@ -109,10 +129,11 @@ def kohya_module_names(pipe: Any) -> dict[str, str]:
                 original = unet_to_original_key(name + ".weight", prefixes)
                 names["lora_unet_" + original.removesuffix(".weight").replace(".", "_")] = (
                     canonical)
-    for prefix, encoder in _text_encoders(pipe):
-        for name, module in encoder.named_modules():
+    for encoder in encoders:
+        for name, module in encoder.module.named_modules():
             if isinstance(module, adaptable):
-                names[prefix + name.replace(".", "_")] = prefix + name.replace(".", "_")
+                kohya = encoder.kohya_prefix + name.replace(".", "_")
+                names[kohya] = kohya
     return names
 
 
@@ -260,8 +281,8 @@ class LoraAdapters:
     def _wrapped_modules(self, adapter: str) -> set[str]:
         """kohya names (diffusers paths) of the modules that carry ``adapter`` after loading."""
         wrapped = _kohya_wrapped(self.pipe.unet, adapter, "lora_unet_")
-        for prefix, encoder in _text_encoders(self.pipe):
-            wrapped |= _kohya_wrapped(encoder, adapter, prefix)
+        for encoder in _text_encoders(self.pipe):
+            wrapped |= _kohya_wrapped(encoder.module, adapter, encoder.kohya_prefix)
         return wrapped
 
     def _drop_adapter(self, name: str) -> None:
@@ -290,29 +311,21 @@ class TextualInversions:
         for token, (source, added) in list(self.loaded.items()):
             ref = wanted.get(token)
             if (ref is None and token in text) or (ref is not None and _source_key(ref) != source):
-                for text_encoder, tokenizer, _key in self._encoders():
+                for encoder in _text_encoders(self.pipe):
                     self.pipe.unload_textual_inversion(
-                        tokens=added, tokenizer=tokenizer, text_encoder=text_encoder
+                        tokens=added, tokenizer=encoder.tokenizer, text_encoder=encoder.module
                     )
                 del self.loaded[token]
         for ref in request.embeddings:
             if ref.token not in self.loaded:
                 self._load_embedding(ref)
 
-    def _encoders(self) -> list[tuple[Any, Any, str | None]]:
-        """(text encoder, tokenizer, the SDXL file's key of its vectors) of the pipeline."""
-        pipe = self.pipe
-        if getattr(pipe, "text_encoder_2", None) is None:
-            return [(pipe.text_encoder, pipe.tokenizer, None)]
-        return [(pipe.text_encoder, pipe.tokenizer, "clip_l"),
-                (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")]
-
     def _load_embedding(self, ref: EmbeddingRef) -> None:
         from models import read_embedding
 
         pipe = self.pipe
         source = _source_key(ref)
-        encoders = self._encoders()
+        encoders = _text_encoders(pipe)
         if ref.path is not None:
             path = Path(ref.path)
             if not path.is_file():
@@ -340,13 +353,14 @@ class TextualInversions:
                     f"embedding {ref.token!r}: {what} for a model with {len(encoders)} text "
                     "encoder(s)"
                 )
-            for text_encoder, tokenizer, key in encoders:
+            for encoder in encoders:
+                key = encoder.embedding_key
                 part = vectors[key] if isinstance(vectors, dict) and key else vectors
                 assert isinstance(part, torch.Tensor)
                 part = part.detach().to("cpu")
                 pipe.load_textual_inversion(
                     part.reshape(-1, part.shape[-1]), token=ref.token,
-                    text_encoder=text_encoder, tokenizer=tokenizer,
+                    text_encoder=encoder.module, tokenizer=encoder.tokenizer,
                 )
         added = [ref.token]
         vocabulary = pipe.tokenizer.get_vocab()

@@ -233,19 +233,27 @@ def vae_to_original(
     return converted
 
 
-def text_encoder_to_original(
-    state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX
-) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` state dict under ``cond_stage_model.transformer.*``
-    (SDXL: ``prefix`` :data:`SDXL_CLIP_PREFIX`).
+def clip_prefix(spec: ModelSpec) -> str:
+    """Where the CLIP ViT-L text model lives in ``spec``'s single file (SD 1.x's
+    ``cond_stage_model.transformer.``, SDXL's first embedder)."""
+    return SDXL_CLIP_PREFIX if spec.family == "sdxl" else CLIP_PREFIX
+
+
+def _clip_key(key: str, prefix: str) -> str:
+    """The file key of a transformers ``CLIPTextModel`` key under ``prefix``.
 
     transformers ≥ 5.6 has no ``text_model.`` prefix; the original layout (and diffusers'
     detection of the CLIP weights in a single file) needs it, so it is added when absent.
     """
-    return {
-        prefix + (key if key.startswith("text_model.") else "text_model." + key): value
-        for key, value in state.items()
-    }
+    return prefix + (key if key.startswith("text_model.") else "text_model." + key)
+
+
+def text_encoder_to_original(
+    state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict under ``cond_stage_model.transformer.*``
+    (or another ``prefix``: :func:`clip_prefix`)."""
+    return {_clip_key(key, prefix): value for key, value in state.items()}
 
 
 # transformers CLIPTextModel name (after ``encoder.layers.N.``) → OpenCLIP resblock name
@@ -369,13 +377,10 @@ def to_original_state_dict(
     state = {} if spec.family == "sdxl" else ddpm_buffers(spec.scheduler)
     state.update(unet_to_original(states["unet"], spec.unet))
     state.update(vae_to_original(states["vae"], spec.vae))
-    if spec.family == "sd2":
-        state.update(openclip_text_to_original(states["text_encoder"], spec))
-    elif spec.family == "sdxl":
-        state.update(text_encoder_to_original(states["text_encoder"], SDXL_CLIP_PREFIX))
-        state.update(openclip_text_to_original(states["text_encoder_2"], spec))
-    else:
-        state.update(text_encoder_to_original(states["text_encoder"]))
+    if spec.family != "sd2":  # CLIP ViT-L: SD 1.x's text encoder, SDXL's first
+        state.update(text_encoder_to_original(states["text_encoder"], clip_prefix(spec)))
+    if spec.family != "sd1":  # OpenCLIP: SD 2.x's text encoder, SDXL's second
+        state.update(openclip_text_to_original(states[openclip_component(spec)], spec))
     return {key: value.contiguous() for key, value in state.items()}
 
 
@@ -627,11 +632,7 @@ def original_slots(spec: ModelSpec) -> dict[tuple[str, str], OriginalSlot]:
         elif component == "vae":
             renamed = {key: VAE_PREFIX + _rename(key, vae_prefix_map(spec.vae)) for key in state}
         else:
-            clip = SDXL_CLIP_PREFIX if spec.family == "sdxl" else CLIP_PREFIX
-            renamed = {
-                key: clip + (key if key.startswith("text_model.") else "text_model." + key)
-                for key in state
-            }
+            renamed = {key: _clip_key(key, clip_prefix(spec)) for key in state}
         for key, original in renamed.items():
             slots[(component, key)] = OriginalSlot(original, tuple(state[key].shape))
     return slots

@@ -83,7 +83,8 @@ def synthesize_embedding(spec: ModelSpec, name: str) -> Vectors:
 
     if spec.text_encoder_2 is None:
         return draw(spec.text_encoder, "")
-    return {"clip_l": draw(spec.text_encoder, ""), "clip_g": draw(spec.text_encoder_2, "/clip_g")}
+    clip_l, clip_g = SDXL_KEYS
+    return {clip_l: draw(spec.text_encoder, ""), clip_g: draw(spec.text_encoder_2, "/clip_g")}
 
 
 def write_embedding(spec: ModelSpec, name: str, path: Path) -> Path:

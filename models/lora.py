@@ -52,6 +52,7 @@ import torch
 
 from harness.errors import UserError
 
+from .convert import UNET_PREFIX as UNET_FILE_PREFIX
 from .convert import (
     from_original_state_dict,
     original_slots,
@@ -64,7 +65,6 @@ from .synth import seeded_normal
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
-UNET_FILE_PREFIX = "model.diffusion_model."
 #: kohya's ``ss_base_model_version`` per family.
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2_768_v", "sdxl": "sdxl_base_v1-0"}
 DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
@@ -325,8 +325,12 @@ class LoraTarget:
     rows: tuple[int, int] | None = None
 
 
-#: kohya's prefix of each text encoder of SDXL (one text encoder: :data:`TEXT_PREFIX`).
-SDXL_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+def kohya_text_prefixes(encoders: int) -> tuple[str, ...]:
+    """kohya's prefix of each of a model's ``encoders`` text encoders: :data:`TEXT_PREFIX` for
+    one; ``lora_te1_``, ``lora_te2_`` for SDXL's two (``sdxl_train_network.py``)."""
+    if encoders == 1:
+        return (TEXT_PREFIX,)
+    return tuple(f"lora_te{index + 1}_" for index in range(encoders))
 
 
 def kohya_name(component: str, module: str, spec: ModelSpec | None = None,
@@ -343,7 +347,9 @@ def kohya_name(component: str, module: str, spec: ModelSpec | None = None,
         return UNET_PREFIX + module.replace(".", "_")
     if not module.startswith("text_model."):
         module = "text_model." + module
-    prefix = SDXL_TEXT_PREFIXES[component] if sdxl else TEXT_PREFIX
+    prefix = TEXT_PREFIX
+    if spec is not None:
+        prefix = kohya_text_prefixes(len(spec.text_encoders))[spec.text_encoders.index(component)]
     return prefix + module.replace(".", "_")
 
 

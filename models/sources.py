@@ -25,7 +25,7 @@ from pathlib import Path
 
 from harness.errors import UserError
 
-from .convert import read_shapes, read_spec_metadata, single_file_format
+from .convert import UNET_PREFIX, read_shapes, read_spec_metadata, single_file_format
 from .specs import PREDICTION_TYPES, SPECS, ModelSpec, get_spec
 from .zoo import config_folder, hf_cache_dir, install_in_hf_cache, materialize
 
@@ -63,10 +63,10 @@ class ResolvedModel:
 
 SOURCES = ("hub", "safetensors", "ckpt")
 HUB_SCHEME = "hub:"
-_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_UNET_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 #: The first cross-attention of the UNet's input blocks: its key projection is [_, context].
 _UNET_CONTEXT = re.compile(
-    r"model\.diffusion_model\.input_blocks\.(\d+)\.1\.transformer_blocks\.0\.attn2\.to_k\.weight"
+    re.escape(UNET_PREFIX) + r"input_blocks\.(\d+)\.1\.transformer_blocks\.0\.attn2\.to_k\.weight"
 )
 #: (UNet width, context width) of an original single file of a third-party release -> its
 #: zoo architecture. SD 2.x files read as the 768-v release's architecture (``sd21``); the
@@ -127,9 +127,9 @@ def a1111_prediction(path: Path, spec: ModelSpec) -> str:
         data = load_ckpt(path)
         tensors = data.get("state_dict", data)
     states, missing = from_original_state_dict(spec, {
-        key: value for key, value in tensors.items() if key.startswith("model.diffusion_model.")
+        key: value for key, value in tensors.items() if key.startswith(UNET_PREFIX)
     })
-    missing = [key for key in missing if key.startswith("model.diffusion_model.")]
+    missing = [key for key in missing if key.startswith(UNET_PREFIX)]
     if missing:
         raise UserError(
             f"model '{path}': its UNet lacks {len(missing)} tensors ({missing[0]}, ...), so "
@@ -293,16 +293,23 @@ def fetch(reference: str, revision: str | None = None) -> Path:
     ref = _parse_hub(reference)
     if revision:
         ref = dataclasses.replace(ref, revision=revision)
-    zoo_name = next((name for name, spec in SPECS.items() if spec.repo_id == ref.repo_id), None)
-    offline = _hub_offline()
-    if zoo_name is not None:  # the zoo's repos exist only in the local cache
-        fmt = single_file_format(Path(ref.filename)) if ref.filename else None
-        install_in_hf_cache(zoo_name, formats=(fmt or "hub",))
-        offline = True
+    fmt = single_file_format(Path(ref.filename)) if ref.filename else None
+    zoo_name = _install_zoo_repo(ref, fmt or "hub")
+    offline = zoo_name is not None or _hub_offline()
     with _hub_errors(reference, ref, offline):
         if ref.filename is not None:
             return _download_file(ref, ref.filename, offline)
         return _download_folder(ref, offline)
+
+
+def _install_zoo_repo(ref: HubRef, fmt: str) -> str | None:
+    """The zoo model whose repository ``ref`` names, placed in the local Hugging Face cache
+    in format ``fmt`` (the zoo's repos exist only there: they resolve offline); ``None`` for
+    any other repository."""
+    name = next((name for name, spec in SPECS.items() if spec.repo_id == ref.repo_id), None)
+    if name is not None:
+        install_in_hf_cache(name, formats=(fmt,))
+    return name
 
 
 def _resolve_hub(reference: str, source: str) -> ResolvedModel:
@@ -312,11 +319,8 @@ def _resolve_hub(reference: str, source: str) -> ResolvedModel:
             f"model {reference!r}: names a file, but source is 'hub'; expected source "
             f"safetensors or ckpt (or {HUB_SCHEME}{ref.repo_id} for the hub folder)"
         )
-    zoo_name = next((name for name, spec in SPECS.items() if spec.repo_id == ref.repo_id), None)
-    offline = _hub_offline()
-    if zoo_name is not None:
-        install_in_hf_cache(zoo_name, formats=(source,))
-        offline = True  # the zoo's repos exist only in the local cache
+    zoo_name = _install_zoo_repo(ref, source)
+    offline = zoo_name is not None or _hub_offline()
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     with _hub_errors(reference, ref, offline):

@@ -56,6 +56,7 @@ FAMILIES: dict[str, str] = {
 #: sdbench's prediction names -> diffusers schedulers' ``prediction_type``.
 PREDICTION_TYPES: dict[str, str] = {"eps": "epsilon", "v": "v_prediction"}
 
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A zoo model: diffusers component configs plus synthesis settings."""

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from models import LoraLayer
 
 UNET_PREFIX = "lora_unet_"
-TEXT_PREFIX = "lora_te_"
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -121,18 +120,12 @@ def _openclip_layer_names(text: nn.Module, prefix: str) -> dict[str, Any]:
     return table
 
 
-def text_prefixes(encoders: int) -> tuple[str, ...]:
-    """kohya's prefix of each text encoder: ``lora_te_``; SDXL's two ``lora_te1_``,
-    ``lora_te2_``."""
-    if encoders == 1:
-        return (TEXT_PREFIX,)
-    return tuple(f"lora_te{index + 1}_" for index in range(encoders))
-
-
 def layer_names(unet: nn.Module, text_encoders: list[nn.Module]) -> dict[str, Any]:
     """Every kohya layer name (without ``.lora_*`` suffix) -> the layer it patches (a module
     with a ``weight``, or a :class:`ProjectionRows`). ``text_encoders``: the text models
     (SDXL's CLIP ViT-L and OpenCLIP bigG, named ``lora_te1_`` / ``lora_te2_``)."""
+    from models.lora import kohya_text_prefixes
+
     table: dict[str, Any] = {}
     diffusers_names = unet_diffusers_names(unet)
     for path, module in unet.named_modules():
@@ -140,7 +133,7 @@ def layer_names(unet: nn.Module, text_encoders: list[nn.Module]) -> dict[str, An
             table[UNET_PREFIX + path.replace(".", "_")] = module
             if path in diffusers_names:
                 table[UNET_PREFIX + diffusers_names[path].replace(".", "_")] = module
-    for prefix, text in zip(text_prefixes(len(text_encoders)), text_encoders, strict=True):
+    for prefix, text in zip(kohya_text_prefixes(len(text_encoders)), text_encoders, strict=True):
         if hasattr(text, "positional_embedding"):  # OpenCLIP's text tower (SD 2.x, SDXL)
             table.update(_openclip_layer_names(text, prefix))
             continue

@@ -430,10 +430,6 @@ def size_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
     return timestep_embedding(values.flatten(), dim).reshape(batch, -1)
 
 
-#: Per trigger word, SDXL's vectors for each text encoder (A1111's ``clip_l`` / ``clip_g``).
-SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
-
-
 class GeneralConditioner(nn.Module):
     """sgm's ``GeneralConditioner`` of SDXL base as A1111 runs it: ``embedders.0`` (CLIP
     ViT-L, :class:`FrozenCLIPEmbedder` at ``layer_idx`` -2) and ``embedders.1``
@@ -462,15 +458,19 @@ class GeneralConditioner(nn.Module):
 
     @staticmethod
     def _split(embeddings: Mapping[str, Any] | None) -> list[dict[str, torch.Tensor]]:
+        """Trigger word -> vectors, per text encoder (an SDXL embedding's
+        :data:`models.embeddings.SDXL_KEYS`)."""
+        from models.embeddings import SDXL_KEYS
+
         split: list[dict[str, torch.Tensor]] = [{}, {}]
         for word, vectors in (embeddings or {}).items():
-            if not isinstance(vectors, Mapping) or set(SDXL_EMBEDDING_KEYS) - set(vectors):
+            if not isinstance(vectors, Mapping) or set(SDXL_KEYS) - set(vectors):
                 raise UserError(
                     f"embedding {word!r}: SDXL needs vectors for both text encoders "
-                    f"({', '.join(SDXL_EMBEDDING_KEYS)}); this one has "
+                    f"({', '.join(SDXL_KEYS)}); this one has "
                     f"{', '.join(vectors) if isinstance(vectors, Mapping) else 'one tensor'}"
                 )
-            for index, key in enumerate(SDXL_EMBEDDING_KEYS):
+            for index, key in enumerate(SDXL_KEYS):
                 split[index][word] = vectors[key]
         return split
 

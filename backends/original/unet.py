@@ -57,10 +57,9 @@ class UNetConfig:
         depths = self.transformer_depth
         if isinstance(depths, int):
             return depths
-        if level is None:
-            return depths[-1] if self.transformer_depth_middle is None else (
-                self.transformer_depth_middle)
-        return depths[level]
+        if level is None and self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        return depths[-1 if level is None else level]
 
     @classmethod
     def from_ldm(cls, params: dict[str, Any]) -> UNetConfig:
