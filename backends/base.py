@@ -31,6 +31,15 @@ SDXL_CONTROLNET_UNSUPPORTED = (
     "ControlNets are not wired"
 )
 
+
+
+def staged_unsupported(family: str) -> str:
+    """Why a cell of a multi-stage family (Kandinsky 2.2, DeepFloyd IF) is ``unsupported`` on
+    a backend that runs SD-shaped models only."""
+    return (f"{family}: the original (A1111 / CompVis LDM) backend never ran this family; "
+            "its releases are diffusers pipelines, which the diffusers backend runs")
+
+
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
@@ -79,6 +88,13 @@ class Request:
     #: them iff neither ``i / N < control_start`` nor ``(i + 1) / N > control_end``.
     control_start: float = 0.0
     control_end: float = 1.0
+    #: A multi-stage model's start noise of the stages other than the one :attr:`noise` is
+    #: for, N(0, 1) float32 on the CPU, shapes :meth:`Session.stage_noise_shapes`.
+    stage_noise: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: A multi-stage model's steps and guidance per stage where they are not ``steps`` /
+    #: ``guidance`` (the ``stage_steps`` / ``stage_guidance`` axes).
+    stage_steps: dict[str, int] = field(default_factory=dict)
+    stage_guidance: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,6 +172,11 @@ class Session(ABC):
                 f"resolution {width}x{height} is not a multiple of the VAE factor {f}"
             )
         return (batch, self.latent_channels, height // f, width // f)
+
+    def stage_noise_shapes(self, batch: int, width: int, height: int) -> dict[str, tuple[int, ...]]:
+        """A multi-stage model's stages that start from noise of their own, besides the
+        one :attr:`Request.noise` is for, and that noise's shape (empty: one stage)."""
+        return {}
 
     def prepare(self, request: Request) -> None:  # noqa: B027 - optional hook
         """Set up what ``request`` needs that is not the generation — its sampler, LoRA

@@ -29,6 +29,7 @@ dpmpp_sde       DPMSolverSDEScheduler (needs torchsde)
 ddim            DDIMScheduler
 deis            DEISMultistepScheduler
 unipc           UniPCMultistepScheduler
+ddpm            DDPMScheduler (Kandinsky 2.2's and DeepFloyd IF's release scheduler)
 ==============  ====================================================================
 
 Workflows. The workflow pipelines share every component with the loaded one
@@ -151,8 +152,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "ddim": ("DDIMScheduler", {}, False),
     "deis": ("DEISMultistepScheduler", {}, False),
     "unipc": ("UniPCMultistepScheduler", {}, False),
+    # the release scheduler of Kandinsky 2.2's decoder and DeepFloyd IF's stages
+    "ddpm": ("DDPMScheduler", {}, False),
 }
-_NO_KARRAS = {"EulerAncestralDiscreteScheduler", "DDIMScheduler"}
+_NO_KARRAS = {"EulerAncestralDiscreteScheduler", "DDIMScheduler", "DDPMScheduler"}
 
 
 #: Pipeline class names per family (:data:`models.specs.FAMILIES`) and workflow; SD 1.x and
@@ -862,9 +865,18 @@ class DiffusersBackend(Backend):
     controlnet = True
 
     def unsupported(self, cell: Cell, device: torch.device) -> str | None:
-        if cell.base_workflow not in CELL_WORKFLOWS:
+        from backends.diffusers_staged import staged_family, staged_problem
+        from models.specs import SPECS
+
+        family = staged_family(cell)
+        if family is not None:
+            problem = staged_problem(cell, family)
+        elif cell.base_workflow not in CELL_WORKFLOWS:
             return f"workflow {cell.workflow}: not implemented by the diffusers backend"
-        problem = _inpainting_model_problem(cell)
+        elif cell.x4_upscaler and cell.model in SPECS:
+            return "x4_upscaler: only DeepFloyd IF has a stage III"
+        else:
+            problem = _inpainting_model_problem(cell)
         if problem is not None:
             return problem
         if cell.offload != "none" and device.type != "cuda":
@@ -886,15 +898,17 @@ class DiffusersBackend(Backend):
             getattr(diffusers, name)  # diffusers imports its classes on first access
 
     def load(self, cell: Cell, model: ResolvedModel, device: torch.device) -> Session:
+        if model.stages is not None:  # Kandinsky 2.2, DeepFloyd IF
+            from backends.diffusers_staged import load_staged
+
+            self._quiet()
+            return load_staged(cell, model, device)
+        if cell.x4_upscaler:
+            raise UnsupportedError("x4_upscaler: only DeepFloyd IF has a stage III")
         family = model_family(model)
         pipeline = pipeline_class(family, "txt2img")
         dtype = TORCH_DTYPES[cell.dtype]
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-        diffusers_logging.set_verbosity_error()  # load-time advice would interleave the progress
+        self._quiet()
         common: dict[str, Any] = {
             "dtype": dtype,
             "local_files_only": True,
@@ -923,6 +937,16 @@ class DiffusersBackend(Backend):
         pipe.set_progress_bar_config(disable=True)
         self._configure(pipe, cell, device)
         return DiffusersSession(pipe, device, dtype, cell.offload, family, model.prediction)
+
+    @staticmethod
+    def _quiet() -> None:
+        """No progress bars, no load-time advice (it would interleave the run's progress)."""
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()
 
     @staticmethod
     def _configure(pipe: StableDiffusionPipeline, cell: Cell, device: torch.device) -> None:

@@ -157,6 +157,51 @@ def check_controlnet(value: Any) -> Any:
     return value
 
 
+#: The value of ``stage_steps`` / ``stage_guidance`` that leaves every stage at ``steps`` /
+#: ``guidance``.
+SAME_FOR_EVERY_STAGE = "same"
+_STAGE_VALUE = re.compile(r"\s*([a-z][a-z0-9_]*)\s*=\s*(\d+(?:\.\d+)?)\s*")
+
+
+def parse_stage_values(value: str) -> dict[str, float]:
+    """``stage_2=50,stage_3=75`` -> ``{"stage_2": 50.0, "stage_3": 75.0}``; ``same`` -> ``{}``.
+
+    Raises ``ValueError`` naming the expected form. Whether the names are the model's
+    stages is the backend's to check (it knows the model)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected '{SAME_FOR_EVERY_STAGE}' or 'STAGE=VALUE[,STAGE=VALUE...]', "
+                         f"got {value!r}")
+    if value.strip() == SAME_FOR_EVERY_STAGE:
+        return {}
+    found: dict[str, float] = {}
+    for part in value.split(","):
+        match = _STAGE_VALUE.fullmatch(part)
+        if match is None:
+            raise ValueError(
+                f"expected '{SAME_FOR_EVERY_STAGE}' or 'STAGE=VALUE[,STAGE=VALUE...]' "
+                f"(e.g. prior=25 or stage_2=50,stage_3=75), got {value!r}"
+            )
+        found[match.group(1)] = float(match.group(2))
+    return found
+
+
+def check_stage_values(value: Any) -> Any:
+    parse_stage_values(value)
+    return value
+
+
+def _stage_label(what: str) -> Spell:
+    """``prior=25,decoder=50`` -> ``steps prior 25 decoder 50``."""
+    return lambda value: f"{what} {value.replace(',', ' ').replace('=', ' ')}"
+
+
+def _stage_id(prefix: str) -> Spell:
+    """``stage_2=50,stage_3=75`` -> ``steps-stage_2_50-stage_3_75``."""
+    return lambda value: prefix + "-".join(
+        part.strip().replace("=", "_") for part in str(value).split(",")
+    )
+
+
 _NOT_SET: Any = object()
 
 
@@ -242,6 +287,13 @@ AXES: tuple[Axis, ...] = (
          fields=("width", "height")),
     Axis("steps", int, 20, {"ge": 1, "le": 1000}, id=_prefixed("s"),
          label=_suffixed(" steps")),
+    # multi-stage models (Kandinsky 2.2, DeepFloyd IF): a stage's own steps / guidance
+    Axis("stage_steps", str, SAME_FOR_EVERY_STAGE, check=check_stage_values,
+         quiet=SAME_FOR_EVERY_STAGE, id=_stage_id("steps-"), label=_stage_label("steps")),
+    Axis("stage_guidance", str, SAME_FOR_EVERY_STAGE, check=check_stage_values,
+         quiet=SAME_FOR_EVERY_STAGE, id=_stage_id("cfg-"), label=_stage_label("cfg")),
+    Axis("x4_upscaler", bool, False, load=True, feature=True, quiet=False,
+         id=_flag("x4", "no-x4"), label=_flag("with the x4 upscaler", "without the x4 upscaler")),
     Axis("guidance", float, 7.5, {"ge": 0}, id=_prefixed("cfg", _g), label=_prefixed("cfg ", _g)),
     Axis("seed", int, 0, {"ge": 0}, id=_prefixed("seed"), label=_prefixed("seed ")),
     Axis("batch", int, 1, {"ge": 1, "le": 256}, id=_prefixed("b"), label=_prefixed("batch ")),

@@ -31,6 +31,7 @@ import torch
 from backends import get_backend
 from backends.base import ControlRef, Output, Request, Session
 from harness import environment, inputs
+from harness.axes import parse_stage_values
 from harness.conformance import CheckContext, run_checks, to_uint8
 from harness.errors import UnsupportedError, UserError
 from harness.flops import step_figures, unet_config_path
@@ -128,6 +129,14 @@ def request_for(cell: Cell, session: Session) -> Request:
         control_mode=cell.control_mode if controls else "balanced",
         control_start=cell.control_start if controls else 0.0,
         control_end=cell.control_end if controls else 1.0,
+        stage_noise={  # each stage's start noise from a seed of its own
+            name: make_noise(shape, cell.seed + 1 + index)
+            for index, (name, shape) in enumerate(
+                session.stage_noise_shapes(cell.batch, width, height).items()
+            )
+        },
+        stage_steps={k: int(v) for k, v in parse_stage_values(cell.stage_steps).items()},
+        stage_guidance=parse_stage_values(cell.stage_guidance),
     )
 
 
@@ -320,7 +329,8 @@ class CellExecutor:
             backend.imports()  # Python's imports are not the load's time
             baseline = Baseline.take(device)  # after the backend's imports, before the load
             # may synthesise a zoo model or run A1111's prediction test: not timed
-            model = resolve(cell.model, cell.source, cell.prediction)
+            model = resolve(cell.model, cell.source, cell.prediction,
+                            optional_stages=cell.x4_upscaler)
             start = time.perf_counter()
             with MemoryMonitor(device, baseline=baseline) as monitor:
                 session = backend.load(cell, model, device)
@@ -384,9 +394,11 @@ class CellExecutor:
                 timeout: CellTimeout | None = error
             else:
                 timeout = None
+        # a multi-stage model's steps are its stages' (each stage's steps as it ran them)
+        steps = (timings[0].stage_steps if timings else 0) or cell.denoise_steps
         measurement = Measurement.from_timings(
             batch=cell.batch,
-            steps=cell.denoise_steps,
+            steps=steps,
             timings=timings,
             first_call_s=first_call[0],
             load_s=loaded.load_s,
@@ -396,7 +408,7 @@ class CellExecutor:
         )
         metrics = measurement.summary()
         metrics["repeats_done"] = len(timings)
-        metrics["denoise_steps"] = cell.denoise_steps
+        metrics["denoise_steps"] = steps
         metrics["model_from_cache"] = loaded.from_cache
         metrics.update(self._flops(cell, device, request, loaded, metrics))
         output = outputs[-1]
@@ -431,7 +443,7 @@ class CellExecutor:
                 loaded.unet_config,
                 latent_shape=tuple(request.noise.shape),
                 guidance=cell.guidance,
-                steps=cell.denoise_steps,
+                steps=metrics["denoise_steps"],
                 denoise_s=metrics.get("denoise_s"),
                 device=device.type,
                 gpu_name=self.env.get("gpu_name"),

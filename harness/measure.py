@@ -83,7 +83,12 @@ class GenerationTimer:
         self.deadline = deadline
         self._phase_marks: dict[str, tuple[Any, Any]] = {}
         self._open: dict[str, Any] = {}
-        self._step_marks: list[Any] = []
+        #: Runs of step marks, each from its denoising start: one per generation, or one per
+        #: stage of a multi-stage model (:meth:`begin_stage`, :meth:`restart_steps`).
+        self._step_runs: list[tuple[str | None, list[Any]]] = []
+        self._stage: str | None = None
+        self._stage_marks: dict[str, tuple[Any, Any]] = {}
+        self._stage_open: dict[str, Any] = {}
         self._part_marks: dict[str, list[tuple[Any, Any]]] = {}
         self._part_open: dict[str, Any] = {}
         self._start: Any = None
@@ -111,13 +116,30 @@ class GenerationTimer:
             raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
         start = self._clock.mark()
         if name == "denoise":
-            self._step_marks = [start]
+            self._step_runs = [(self._stage, [start])]
         self._open[name] = start
 
     def end(self, name: str) -> None:
         """End phase ``name`` (started with :meth:`begin`)."""
         start = self._open.pop(name)
         self._phase_marks[name] = (start, self._clock.mark())
+
+    def begin_stage(self, name: str) -> None:
+        """Start stage ``name`` of a multi-stage model (Kandinsky's prior, IF's stage II…):
+        its whole pipeline call, conditioning and (for the last stage) decode included."""
+        self._stage = name
+        self._stage_open[name] = self._clock.mark()
+
+    def end_stage(self, name: str) -> None:
+        """End stage ``name`` (started with :meth:`begin_stage`)."""
+        start = self._stage_open.pop(name)
+        self._stage_marks[name] = (start, self._clock.mark())
+        self._stage = None
+
+    def restart_steps(self) -> None:
+        """A later stage's denoising starts now: its first step is timed from here, not from
+        the previous stage's last step (the first stage's starts with ``begin("denoise")``)."""
+        self._step_runs.append((self._stage, [self._clock.mark()]))
 
     def begin_part(self, name: str) -> None:
         """Start a timed part of a step (:data:`PARTS`, e.g. a ControlNet's forward)."""
@@ -144,7 +166,7 @@ class GenerationTimer:
 
     def step(self, *_args: Any, **_kwargs: Any) -> None:
         """Mark the end of a denoising step; accepts and ignores callback arguments."""
-        self._step_marks.append(self._clock.mark())
+        self._step_runs[-1][1].append(self._clock.mark())
         if self.deadline is not None and time.perf_counter() > self.deadline:
             raise CellTimeout("cell exceeded its timeout_s")
 
@@ -155,9 +177,34 @@ class GenerationTimer:
         marks = self._phase_marks.get(name)
         return None if marks is None else self._clock.seconds(*marks)
 
-    def step_s(self) -> list[float]:
-        marks = self._step_marks
-        return [self._clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
+    def step_s(self, stage: str | None = None) -> list[float]:
+        """Every step's time, in order; ``stage``: that stage's steps only."""
+        return [
+            self._clock.seconds(a, b)
+            for run_stage, marks in self._step_runs
+            if stage is None or run_stage == stage
+            for a, b in zip(marks, marks[1:], strict=False)
+        ]
+
+    def stages(self) -> dict[str, StageTiming]:
+        """Each stage's times, in the order the stages ran (empty for a one-stage model)."""
+        found: dict[str, StageTiming] = {}
+        for name, (start, end) in self._stage_marks.items():
+            runs = [marks for run_stage, marks in self._step_runs if run_stage == name]
+            denoise = sum(self._clock.seconds(m[0], m[-1]) for m in runs if len(m) > 1)
+            found[name] = StageTiming(wall=self._clock.seconds(start, end), denoise=denoise,
+                                      steps=tuple(self.step_s(name)))
+        return found
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """One stage's times in one generation, seconds: its whole call, its denoising (first
+    step's start to last step's end) and each of its steps."""
+
+    wall: float
+    denoise: float
+    steps: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -171,6 +218,8 @@ class Timing:
     steps: tuple[float, ...]
     #: Part name -> its summed time in this generation (:data:`PARTS` that ran).
     parts: dict[str, float] = field(default_factory=dict)
+    #: Stage name -> its times, for a multi-stage model (Kandinsky, DeepFloyd IF).
+    stages: dict[str, StageTiming] = field(default_factory=dict)
 
     @classmethod
     def from_timer(cls, timer: GenerationTimer) -> Timing:
@@ -182,7 +231,13 @@ class Timing:
             decode=timer.phase_s("decode"),
             steps=tuple(timer.step_s()),
             parts={name: value for name, value in parts.items() if value is not None},
+            stages=timer.stages(),
         )
+
+    @property
+    def stage_steps(self) -> int:
+        """Steps over all stages (0 for a one-stage model)."""
+        return sum(len(stage.steps) for stage in self.stages.values())
 
 
 # --- memory -------------------------------------------------------------------------------
@@ -388,6 +443,8 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Part name -> its time per timed repeat (only parts that ran in every repeat).
     parts_s: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: Stage name -> its times per timed repeat (multi-stage models), in running order.
+    stages: dict[str, tuple[StageTiming, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_timings(
@@ -421,6 +478,11 @@ class Measurement:
                 name: tuple(t.parts[name] for t in timings)
                 for name in PARTS
                 if all(name in t.parts for t in timings)
+            },
+            stages={
+                name: tuple(t.stages[name] for t in timings)
+                for name in timings[0].stages
+                if all(name in t.stages for t in timings)
             },
         )
 
@@ -473,8 +535,29 @@ class Measurement:
             row[f"{name}_s"] = statistics.median(values)
             shares = [v / d for v, d in zip(values, self.denoise_s, strict=True) if d > 0]
             row[f"{name}_share"] = statistics.median(shares) if shares else None
+        if self.stages:
+            row["stages"] = "+".join(self.stages)
+        for name, repeats in self.stages.items():
+            row.update(self.stage_summary(name, repeats))
         row.update(self.extra)
         return row
+
+    def stage_summary(self, name: str, repeats: tuple[StageTiming, ...]) -> dict[str, Any]:
+        """``NAME_*`` figures of stage ``NAME`` (``prior_its``, ``stage_2_its``…;
+        docs/results.md): its steps, its it/s over its whole call and over its denoising, its
+        time and its step latency."""
+        steps = len(repeats[0].steps)
+        its = [self.batch * steps / t.wall for t in repeats if t.wall > 0]
+        denoise = [self.batch * steps / t.denoise for t in repeats if t.denoise > 0]
+        steps_ms = [s * 1000 for t in repeats for s in t.steps]
+        prefix = f"{name}_"
+        return {
+            prefix + "steps": steps,
+            prefix + "its": statistics.median(its) if its else None,
+            prefix + "denoise_its": statistics.median(denoise) if denoise else None,
+            prefix + "s": statistics.median(t.wall for t in repeats),
+            prefix + "step_ms_median": statistics.median(steps_ms) if steps_ms else None,
+        }
 
 
 def _quantile(values: list[float], q: float) -> float | None:

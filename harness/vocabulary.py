@@ -23,6 +23,7 @@ BASE_SAMPLERS: tuple[str, ...] = (
     "ddim",
     "deis",
     "unipc",
+    "ddpm",
 )
 #: Samplers that also exist with the Karras et al. (2022) sigma schedule, spelled ``NAME_karras``.
 KARRAS_CAPABLE: tuple[str, ...] = (

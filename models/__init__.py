@@ -1,6 +1,7 @@
 """The model zoo: architecture specs, deterministic synthetic checkpoints in every load
 format, a local cache of them, and resolution of model references (zoo names, local files,
-Hugging Face hub ids) to files on disk; LoRA and textual-inversion files per architecture."""
+Hugging Face hub ids) to files on disk; LoRA and textual-inversion files per architecture.
+Multi-stage models (Kandinsky 2.2, DeepFloyd IF) are :mod:`models.staged`'s."""
 
 from .controlnet import CONTROLNETS, DEFAULT_CONTROLNET
 from .convert import (
@@ -25,6 +26,7 @@ from .lora import (
 )
 from .sources import ResolvedModel, fetch, resolve, single_file_spec
 from .specs import SPECS, ModelSpec, base_spec, get_spec
+from .staged import STAGED_SPECS, StagedSpec
 from .synth import Components, parameter_counts, synthesize
 from .tokenizer import write_tokenizer
 from .zoo import (
@@ -46,6 +48,8 @@ __all__ = [
     "FORMATS",
     "LORAS",
     "SPECS",
+    "STAGED_SPECS",
+    "StagedSpec",
     "SPEC_METADATA_KEY",
     "Components",
     "LoraLayer",

@@ -27,7 +27,15 @@ from harness.errors import UserError
 
 from .convert import UNET_PREFIX, read_shapes, read_spec_metadata, single_file_format
 from .specs import PREDICTION_TYPES, SPECS, ModelSpec, get_spec
-from .zoo import config_folder, hf_cache_dir, install_in_hf_cache, materialize
+from .staged import OPTIONAL_STAGE, STAGED_SPECS, read_stages
+from .zoo import (
+    config_folder,
+    hf_cache_dir,
+    install_in_hf_cache,
+    materialize,
+    no_single_file,
+    zoo_names,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,11 @@ class ResolvedModel:
     #: For a ``hub:`` reference: whether its files were in the Hugging Face cache already
     #: (``False``: downloaded by this resolution, before any clock starts); ``None`` otherwise.
     from_cache: bool | None = None
+    #: A multi-stage model (:mod:`models.staged`): each stage's pipeline folder, in running
+    #: order; ``None`` for an SD-shaped model.
+    stages: dict[str, Path] | None = None
+    #: The family of a multi-stage model (:data:`models.staged.STAGED_FAMILIES`).
+    family: str | None = None
 
     @property
     def is_single_file(self) -> bool:
@@ -81,13 +94,18 @@ _KNOWN_NAMES = (
 _HUB_IGNORE = ["*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.ot", "*.ckpt", "*.pb"]
 
 
-def resolve(reference: str, source: str, prediction: str = "auto") -> ResolvedModel:
+def resolve(
+    reference: str, source: str, prediction: str = "auto", optional_stages: bool = False
+) -> ResolvedModel:
     """Resolve a scenario's ``model`` reference in the format ``source`` to local files.
 
     ``prediction`` (the scenario axis): ``eps`` / ``v`` declare what the UNet predicts;
     ``auto`` keeps the model's own config, except for an SD 2.x single file without sdbench
     metadata, whose 512 px base (eps) and 768-v releases have the same shapes: A1111's test
-    decides (:func:`a1111_prediction`).
+    decides (:func:`a1111_prediction`). A multi-stage model (Kandinsky 2.2, DeepFloyd IF)
+    resolves to its stages' folders (:attr:`ResolvedModel.stages`); ``optional_stages``
+    includes the optional ones (IF's x4 upscaler), which a ``hub:`` reference otherwise
+    does not download.
 
     Raises :class:`~harness.errors.UserError` for every reference that cannot be used: a
     missing file, an unknown zoo name, a hub repository that is missing, gated or not cached
@@ -95,7 +113,12 @@ def resolve(reference: str, source: str, prediction: str = "auto") -> ResolvedMo
     """
     if prediction not in ("auto", *PREDICTION_TYPES):
         raise UserError(f"prediction {prediction!r}: expected auto, {', '.join(PREDICTION_TYPES)}")
-    resolved = _resolve(reference, source)
+    resolved = _resolve(reference, source, optional_stages)
+    if resolved.stages is not None:
+        if prediction != "auto":
+            raise UserError(f"model {reference!r}: prediction {prediction!r} is for SD-shaped "
+                            "models; a multi-stage model predicts what its stages' configs say")
+        return resolved
     if prediction != "auto":
         return dataclasses.replace(resolved, prediction=prediction)
     if resolved.is_single_file and resolved.spec_name is not None:
@@ -146,22 +169,32 @@ def a1111_prediction(path: Path, spec: ModelSpec) -> str:
     return "v" if (out - x).mean().item() < -1 else "eps"
 
 
-def _resolve(reference: str, source: str) -> ResolvedModel:
+def _resolve(reference: str, source: str, optional_stages: bool = False) -> ResolvedModel:
     if source not in SOURCES:
         raise UserError(f"source {source!r}: expected one of {', '.join(SOURCES)}")
     if reference.startswith(HUB_SCHEME):
-        return _resolve_hub(reference, source)
+        return _resolve_hub(reference, source, optional_stages)
     if reference in SPECS:
         return _resolve_zoo(reference, source)
+    if reference in STAGED_SPECS:
+        spec = STAGED_SPECS[reference]
+        if source != "hub":
+            raise UserError(f"model {reference!r}: {no_single_file(spec)}")
+        return _staged_folder(reference, materialize(reference, "hub"), reference)
     path = Path(reference).expanduser()
     if path.is_dir():
+        if read_stages(path) is not None:
+            if source != "hub":
+                raise UserError(f"model {reference!r}: is a multi-stage model's folder, but "
+                                f"source is {source!r}; expected source hub")
+            return _staged_folder(reference, path)
         return _resolve_folder(reference, path, source)
     if path.is_file():
         return _resolve_file(reference, path, source)
     if single_file_format(path) is not None or "/" in reference or os.sep in reference:
         raise UserError(f"model {reference!r}: no such file")
     raise UserError(
-        f"model {reference!r}: neither a zoo model ({', '.join(SPECS)}), an existing path, "
+        f"model {reference!r}: neither a zoo model ({', '.join(zoo_names())}), an existing path, "
         f"nor {HUB_SCHEME}ORG/NAME"
     )
 
@@ -169,6 +202,55 @@ def _resolve(reference: str, source: str) -> ResolvedModel:
 def _resolve_zoo(name: str, source: str) -> ResolvedModel:
     path = materialize(name, source)
     return ResolvedModel(name, source, path, name, config_folder(name))
+
+
+def _staged_folder(reference: str, path: Path, spec_name: str | None = None) -> ResolvedModel:
+    """A zoo hub folder of a multi-stage model (``stages.json`` and a folder per stage)."""
+    index = read_stages(path)
+    assert index is not None
+    stages = {name: path / folder for name, folder in index["stages"].items()}
+    missing = [name for name, folder in stages.items()
+               if not (folder / "model_index.json").is_file()]
+    if missing:
+        raise UserError(f"model {reference!r}: stage folder(s) {', '.join(missing)} have no "
+                        "model_index.json; expected a diffusers pipeline folder per stage")
+    return ResolvedModel(reference, "hub", path, spec_name or index.get("name"), None,
+                         stages=stages, family=str(index["family"]))
+
+
+#: The main pipeline class of a multi-stage family's hub repository -> (family, the stage it
+#: is). A ``hub:`` reference names that repository; the other stages come from
+#: :data:`CHAINS`.
+MAIN_STAGES: dict[str, tuple[str, str]] = {
+    "KandinskyV22Pipeline": ("kandinsky22", "decoder"),
+    "IFPipeline": ("deepfloyd-if", "stage_1"),
+}
+_X4 = "stabilityai/stable-diffusion-x4-upscaler"
+#: The public releases' chains: the main repository -> the other stages' repositories, in
+#: running order (Kandinsky's decoder model card names its prior; DeepFloyd's model cards
+#: pair each stage I with its stage II and the x4 upscaler). The zoo's own chains are added
+#: from its specs.
+CHAINS: dict[str, dict[str, str]] = {
+    "kandinsky-community/kandinsky-2-2-decoder": {
+        "prior": "kandinsky-community/kandinsky-2-2-prior"},
+    "DeepFloyd/IF-I-XL-v1.0": {"stage_2": "DeepFloyd/IF-II-L-v1.0", OPTIONAL_STAGE: _X4},
+    "DeepFloyd/IF-I-L-v1.0": {"stage_2": "DeepFloyd/IF-II-L-v1.0", OPTIONAL_STAGE: _X4},
+    "DeepFloyd/IF-I-M-v1.0": {"stage_2": "DeepFloyd/IF-II-M-v1.0", OPTIONAL_STAGE: _X4},
+}
+CHAINS.update({
+    spec.repo_id: {stage.name: spec.stage_repo(stage) for stage in spec.stages
+                   if stage is not spec.main_stage}
+    for spec in STAGED_SPECS.values()
+})
+
+
+def _main_stage(path: Path) -> tuple[str, str] | None:
+    """(family, stage) when the hub folder ``path`` is a multi-stage family's main stage."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return MAIN_STAGES.get(str(index.get("_class_name")))
 
 
 def _resolve_folder(reference: str, path: Path, source: str) -> ResolvedModel:
@@ -282,7 +364,9 @@ def _parse_hub(reference: str) -> HubRef:
 def fetch(reference: str, revision: str | None = None) -> Path:
     """Download ``hub:ORG/NAME[@REVISION][/FILE]`` into the Hugging Face cache (with
     huggingface_hub's progress bars), so that a run finds it there: the folder's weights,
-    configs and tokenizers, or the one file. ``revision`` overrides the reference's.
+    configs and tokenizers, or the one file; for a multi-stage model's main repository
+    (Kandinsky 2.2's decoder, IF's stage I), every stage's repository (:data:`CHAINS`).
+    ``revision`` overrides the reference's.
 
     Raises :class:`~harness.errors.UserError` with what to do for a gated repository
     without a token or without access, a rejected token, a missing repository, revision or
@@ -299,20 +383,26 @@ def fetch(reference: str, revision: str | None = None) -> Path:
     with _hub_errors(reference, ref, offline):
         if ref.filename is not None:
             return _download_file(ref, ref.filename, offline)
-        return _download_folder(ref, offline)
+        folder = _download_folder(ref, offline)
+    main = _main_stage(folder)
+    if main is not None:  # a multi-stage model: every stage, the optional ones too
+        _resolve_hub_chain(reference, ref, folder, main, True, offline, True, zoo_name)
+    return folder
 
 
 def _install_zoo_repo(ref: HubRef, fmt: str) -> str | None:
     """The zoo model whose repository ``ref`` names, placed in the local Hugging Face cache
     in format ``fmt`` (the zoo's repos exist only there: they resolve offline); ``None`` for
     any other repository."""
-    name = next((name for name, spec in SPECS.items() if spec.repo_id == ref.repo_id), None)
+    repos = {spec.repo_id: name for name, spec in SPECS.items()}
+    repos.update({spec.repo_id: name for name, spec in STAGED_SPECS.items()})
+    name = repos.get(ref.repo_id)
     if name is not None:
         install_in_hf_cache(name, formats=(fmt,))
     return name
 
 
-def _resolve_hub(reference: str, source: str) -> ResolvedModel:
+def _resolve_hub(reference: str, source: str, optional_stages: bool = False) -> ResolvedModel:
     ref = _parse_hub(reference)
     if ref.filename is not None and source == "hub":
         raise UserError(
@@ -321,6 +411,24 @@ def _resolve_hub(reference: str, source: str) -> ResolvedModel:
         )
     zoo_name = _install_zoo_repo(ref, source)
     offline = zoo_name is not None or _hub_offline()
+    path, from_cache = _cache_first(reference, ref, source, offline)
+    main = _main_stage(path) if source == "hub" else None
+    if main is not None:
+        return _resolve_hub_chain(reference, ref, path, main, from_cache, offline,
+                                  optional_stages, zoo_name)
+    if source == "hub":
+        resolved = _resolve_folder(reference, path, "hub")
+        spec_name = zoo_name or resolved.spec_name
+        config_dir = config_folder(zoo_name) if zoo_name else path
+        return ResolvedModel(reference, "hub", path, spec_name, config_dir, from_cache=from_cache)
+    spec = single_file_spec(path)
+    return ResolvedModel(reference, source, path, spec.name, config_folder(spec),
+                         from_cache=from_cache)
+
+
+def _cache_first(reference: str, ref: HubRef, source: str, offline: bool) -> tuple[Path, bool]:
+    """The repository's files, from the Hugging Face cache when they are there (no network
+    call), else downloaded; and whether they came from the cache."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     with _hub_errors(reference, ref, offline):
@@ -334,14 +442,40 @@ def _resolve_hub(reference: str, source: str) -> ResolvedModel:
             from_cache = False
         if not from_cache:
             path = _download(reference, ref, source, offline=False)
-    if source == "hub":
-        resolved = _resolve_folder(reference, path, "hub")
-        spec_name = zoo_name or resolved.spec_name
-        config_dir = config_folder(zoo_name) if zoo_name else path
-        return ResolvedModel(reference, "hub", path, spec_name, config_dir, from_cache=from_cache)
-    spec = single_file_spec(path)
-    return ResolvedModel(reference, source, path, spec.name, config_folder(spec),
-                         from_cache=from_cache)
+    return path, from_cache
+
+
+def _resolve_hub_chain(reference: str, ref: HubRef, path: Path, main: tuple[str, str],
+                       from_cache: bool, offline: bool, optional_stages: bool,
+                       zoo_name: str | None) -> ResolvedModel:
+    """A multi-stage model by its main repository: the other stages' repositories from
+    :data:`CHAINS`, each cache-first (so ``from_cache`` is true only if every stage was)."""
+    family, main_stage = main
+    chain = CHAINS.get(ref.repo_id)
+    if chain is None:
+        known = ", ".join(HUB_SCHEME + repo for repo, stages in CHAINS.items()
+                          if _chain_family(stages) == family and not repo.startswith("sdbench/"))
+        raise UserError(
+            f"model {reference!r}: is a {family} {main_stage} repository whose other stages "
+            f"sdbench does not know; expected one of {known}"
+        )
+    stages: dict[str, Path] = {}
+    for stage, repo in chain.items():
+        if stage == OPTIONAL_STAGE and not optional_stages:
+            continue
+        # errors name the model as written and the stage's repository (its licence, its page)
+        stage_path, cached = _cache_first(reference, HubRef(repo), "hub", offline)
+        from_cache = from_cache and cached
+        stages[stage] = stage_path
+    stages[main_stage] = path
+    order = [*chain, main_stage] if family == "kandinsky22" else [main_stage, *chain]
+    ordered = {name: stages[name] for name in order if name in stages}
+    return ResolvedModel(reference, "hub", path, zoo_name, None, from_cache=from_cache,
+                         stages=ordered, family=family)
+
+
+def _chain_family(stages: dict[str, str]) -> str:
+    return "kandinsky22" if "prior" in stages else "deepfloyd-if"
 
 
 def _download(reference: str, ref: HubRef, source: str, offline: bool) -> Path:

@@ -19,6 +19,10 @@ module            weight                     bias
 Linear / Conv     N(0, GAIN² / fan_in)       N(0, BIAS_STD²)
 GroupNorm / LN    1 + N(0, NORM_STD²)        N(0, BIAS_STD²)
 Embedding         N(0, EMBEDDING_STD²)       -
+RMS norm (T5)     1 + N(0, NORM_STD²)        -
+other parameters  N(0, EMBEDDING_STD²) for embeddings and offsets (CLIP's class token,
+                  positions, the prior's CLIP mean); 1 + N(0, NORM_STD²) for the prior's
+                  CLIP std
 ================  =========================  ==========================
 
 Measured with these values (``txt2img`` sanity run, 20 euler steps, guidance 7.5, prompt
@@ -104,7 +108,21 @@ def init_scale(module: nn.Module, param: str, shape: torch.Size) -> tuple[float,
         return (1.0, NORM_STD) if param == "weight" else (0.0, BIAS_STD)
     if isinstance(module, nn.Embedding):
         return 0.0, EMBEDDING_STD
+    if param in _SCALE_PARAMETERS or (param == "weight" and "Norm" in type(module).__name__):
+        return 1.0, NORM_STD  # T5's RMS norm; the prior's std of CLIP image embeddings
+    if param in _EMBEDDING_PARAMETERS:
+        return 0.0, EMBEDDING_STD
     raise TypeError(f"no synthetic init for {type(module).__name__}.{param} {tuple(shape)}")
+
+
+#: Parameters held by a module directly (not by a Linear / Conv / norm / Embedding) that
+#: scale a signal: drawn around 1, as norm weights.
+_SCALE_PARAMETERS = frozenset({"clip_std"})
+#: Parameters held directly that are embeddings or offsets (CLIP's class token, the prior's
+#: positional and prediction embeddings and CLIP mean, IF's attention-pooling positions).
+_EMBEDDING_PARAMETERS = frozenset(
+    {"class_embedding", "positional_embedding", "prd_embedding", "clip_mean"}
+)
 
 
 @dataclass(frozen=True)

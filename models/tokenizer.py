@@ -1,4 +1,5 @@
-"""An offline CLIP BPE tokenizer with the layout and special ids of the real one.
+"""Offline tokenizers with the layouts and special ids of the real ones: CLIP's BPE and
+T5's unigram (:func:`write_t5_tokenizer`).
 
 The public CLIP tokenizer (``openai/clip-vit-large-patch14``) cannot be downloaded here, so
 the zoo writes a stand-in with the same file layout (``vocab.json``, ``merges.txt``,
@@ -96,10 +97,16 @@ def build_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]
     return vocab, merges
 
 
-def tokenizer_files(spec: ModelSpec, settings: dict[str, Any] | None = None) -> dict[str, str]:
+def tokenizer_files(
+    spec: ModelSpec | None, settings: dict[str, Any] | None = None
+) -> dict[str, str]:
     """File name → text of the tokenizer folder of ``spec`` (``settings``: another of its
-    tokenizers' settings than ``spec.tokenizer``, e.g. SDXL's ``tokenizer_2``)."""
-    settings = spec.tokenizer if settings is None else settings
+    tokenizers' settings than ``spec.tokenizer``, e.g. SDXL's ``tokenizer_2``, or a
+    multi-stage model's, without a spec)."""
+    if settings is None:
+        if spec is None:
+            raise ValueError("tokenizer_files needs a spec or settings")
+        settings = spec.tokenizer
     vocab_size = int(settings["vocab_size"])
     max_length = int(settings.get("model_max_length", 77))
     vocab, merges = build_vocab(vocab_size)
@@ -129,11 +136,52 @@ def tokenizer_files(spec: ModelSpec, settings: dict[str, Any] | None = None) -> 
 
 
 def write_tokenizer(
-    spec: ModelSpec, folder: Path, settings: dict[str, Any] | None = None
+    spec: ModelSpec | None, folder: Path, settings: dict[str, Any] | None = None
 ) -> Path:
     """Write the tokenizer files of ``spec`` (or of its ``settings``, as
     :func:`tokenizer_files`) into ``folder`` (created); returns ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in tokenizer_files(spec, settings).items():
         (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+#: T5's sentinel tokens ``<extra_id_0>`` … at the end of its vocabulary.
+T5_EXTRA_IDS = 100
+
+
+def t5_pieces(vocab_size: int) -> list[tuple[str, float]]:
+    """A T5-style unigram vocabulary of ``vocab_size - T5_EXTRA_IDS`` pieces with scores:
+    ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's ids), the word-start marker ``▁``, letters with
+    and without it, then the in-word and word-start n-grams of :func:`build_merges`' order,
+    scored so that longer, more frequent pieces win; the same on every run."""
+    count = vocab_size - T5_EXTRA_IDS
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0),
+                                       ("\u2581", -2.0)]
+    seen = {piece for piece, _ in pieces}
+    candidates = [*LETTERS_BY_FREQUENCY, *("\u2581" + c for c in LETTERS_BY_FREQUENCY)]
+    for left, right in build_merges(2 * count):
+        gram = left + right.removesuffix(END_OF_WORD)
+        candidates += [gram, "\u2581" + gram]
+    for piece in candidates:
+        if len(pieces) == count:
+            break
+        if piece not in seen:
+            seen.add(piece)
+            # longer pieces score higher, so whole n-grams beat their letters
+            pieces.append((piece, -10.0 + len(piece.lstrip("\u2581")) - len(pieces) / count))
+    if len(pieces) != count:
+        raise ValueError(f"vocab_size {vocab_size}: only {len(pieces)} pieces built")
+    return pieces
+
+
+def write_t5_tokenizer(settings: dict[str, Any], folder: Path) -> Path:
+    """A T5 tokenizer folder (``tokenizer.json`` + config, as transformers saves one) of
+    ``settings`` (``vocab_size``, ``model_max_length``) into ``folder``; returns it."""
+    from transformers import T5Tokenizer
+
+    tokenizer = T5Tokenizer(vocab=t5_pieces(int(settings["vocab_size"])),
+                            extra_ids=T5_EXTRA_IDS)
+    tokenizer.model_max_length = int(settings.get("model_max_length", 77))
+    tokenizer.save_pretrained(str(folder))
     return folder

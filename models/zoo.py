@@ -28,6 +28,8 @@ from harness.errors import UserError
 
 from .convert import write_config_folder, write_hub_folder, write_single_file
 from .specs import SPECS, ModelSpec
+from .staged import STAGED_SPECS, StagedSpec, write_staged_hub
+from .staged import parameter_counts as staged_parameter_counts
 from .synth import empty_components, parameter_counts
 
 FORMATS = ("hub", "safetensors", "ckpt")
@@ -39,19 +41,34 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "sdbench"
 
 
+def zoo_names() -> list[str]:
+    """Every zoo model: the SD-shaped ones, then the multi-stage ones."""
+    return [*SPECS, *STAGED_SPECS]
+
+
 def zoo_spec(name: str) -> ModelSpec:
-    """The spec of zoo model ``name``; a :class:`UserError` names the known ones."""
+    """The spec of SD-shaped zoo model ``name``; a :class:`UserError` names the known ones."""
+    if name in STAGED_SPECS:
+        raise UserError(f"zoo model {name!r} is a multi-stage model ({STAGED_SPECS[name].family})"
+                        "; expected an SD-shaped one here")
     try:
         return SPECS[name]
     except KeyError:
         raise UserError(
-            f"unknown zoo model {name!r}; expected one of: {', '.join(SPECS)}"
+            f"unknown zoo model {name!r}; expected one of: {', '.join(zoo_names())}"
         ) from None
+
+
+def zoo_model(name: str) -> ModelSpec | StagedSpec:
+    """The spec of zoo model ``name``, SD-shaped or multi-stage."""
+    if name in STAGED_SPECS:
+        return STAGED_SPECS[name]
+    return zoo_spec(name)
 
 
 def model_dir(name: str) -> Path:
     """The cache folder of zoo model ``name`` at its current spec fingerprint."""
-    spec = zoo_spec(name)
+    spec = zoo_model(name)
     return cache_root() / "zoo" / f"{name}-{spec.fingerprint()}"
 
 
@@ -107,6 +124,8 @@ def materialize_formats(name: str, formats: Iterable[str]) -> dict[str, Path]:
     formats = tuple(formats)
     for fmt in formats:
         _check_format(fmt)
+    if name in STAGED_SPECS:
+        return {fmt: _materialize_staged(STAGED_SPECS[name], fmt) for fmt in formats}
     spec = zoo_spec(name)
     targets = {fmt: model_dir(name) / _entry_name(name, fmt) for fmt in formats}
 
@@ -120,6 +139,21 @@ def materialize_formats(name: str, formats: Iterable[str]) -> dict[str, Path]:
         if not target.exists():
             _atomic_create(target, functools.partial(build, fmt=fmt))
     return targets
+
+
+def no_single_file(spec: StagedSpec) -> str:
+    """Why a multi-stage model has no single file (the error a user meets)."""
+    return (f"{spec.name} ({spec.family}) has no original single-file layout: its releases are "
+            "diffusers folders only (one per stage); expected source hub")
+
+
+def _materialize_staged(spec: StagedSpec, fmt: str) -> Path:
+    if fmt != "hub":
+        raise UserError(f"model {spec.name!r}: {no_single_file(spec)}")
+    target = model_dir(spec.name) / "hub"
+    if not target.exists():
+        _atomic_create(target, lambda path: write_staged_hub(spec, path))
+    return target
 
 
 def config_folder(spec_name: str | ModelSpec) -> Path:
@@ -164,8 +198,12 @@ def write_model(name: str, fmt: str, out: Path) -> Path:
 def list_models() -> list[dict[str, Any]]:
     """One record per zoo model: name, description, parameter counts, fingerprint, cache."""
     records = []
-    for name, spec in SPECS.items():
-        counts = parameter_counts(empty_components(spec))
+    for name in zoo_names():
+        spec = zoo_model(name)
+        if isinstance(spec, StagedSpec):
+            counts = staged_parameter_counts(spec)
+        else:
+            counts = parameter_counts(empty_components(spec))
         records.append(
             {
                 "name": name,
@@ -190,11 +228,6 @@ def hf_cache_dir(cache_dir: str | Path | None = None) -> Path:
     from huggingface_hub import constants
 
     return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE).expanduser()
-
-
-def _commit_hash(spec: ModelSpec) -> str:
-    """A stable 40-hex 'commit' of the zoo model (changes with the spec fingerprint)."""
-    return hashlib.sha1(f"sdbench-zoo/{spec.repo_id}/{spec.fingerprint()}".encode()).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:
@@ -236,19 +269,35 @@ def install_in_hf_cache(
     the single files ``<name>.safetensors`` / ``<name>.ckpt`` at the repo root. Installing
     again adds missing files only. Returns the repo id.
     """
+    if name in STAGED_SPECS:  # one repository per stage, as the releases are published
+        staged = STAGED_SPECS[name]
+        for fmt in formats:
+            _materialize_staged(staged, fmt)  # a single file: the error saying there is none
+        hub = _materialize_staged(staged, "hub")
+        for stage in staged.stages:
+            _install_repo(hf_cache_dir(cache_dir), staged.stage_repo(stage), staged,
+                          [hub / stage.name])
+        return staged.repo_id
     spec = zoo_spec(name)
-    repo = hf_cache_dir(cache_dir) / ("models--" + spec.repo_id.replace("/", "--"))
-    commit = _commit_hash(spec)
+    for fmt in formats:
+        _check_format(fmt)
+    _install_repo(hf_cache_dir(cache_dir), spec.repo_id, spec,
+                  [materialize(name, fmt) for fmt in formats])
+    return spec.repo_id
+
+
+def _install_repo(cache: Path, repo_id: str, spec: ModelSpec | StagedSpec,
+                  sources: list[Path]) -> None:
+    """Place ``sources`` (folders' contents at the root, files by name) in the cache's repo."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"sdbench-zoo/{repo_id}/{spec.fingerprint()}".encode()).hexdigest()
     snapshot = repo / "snapshots" / commit
     blobs = repo / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
-    for fmt in formats:
-        _check_format(fmt)
-        source = materialize(name, fmt)
+    for source in sources:
         files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
         for file in files:
             relative = file.relative_to(source) if source.is_dir() else Path(file.name)
             _place_blob(file, blobs, snapshot / relative)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
-    return spec.repo_id

@@ -157,6 +157,13 @@ def metric(name: str, value: Any) -> str:
     return text(value)
 
 
+def stage_its(stages: Any) -> str:
+    """A multi-stage model's per-stage it/s: ``prior 216 · decoder 59.57``; ``-`` for none."""
+    if not stages:
+        return MISSING
+    return " · ".join(f"{name} {its(value)}" for name, value in stages)
+
+
 #: Formatter names usable from templates as ``value|fmt(kind)``.
 FORMATTERS: dict[str, Callable[[Any], str]] = {
     "its": its,
@@ -173,6 +180,7 @@ FORMATTERS: dict[str, Callable[[Any], str]] = {
     "text": text,
     "db": psnr,
     "rel": rel_error,
+    "stage_its": stage_its,
 }
 
 

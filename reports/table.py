@@ -8,8 +8,9 @@ rows never share a label and no row merges cells that differ in anything but the
 
 The **columns** are it/s per batch size (one slot per batch size seen in the scenario), the
 MFU per batch size where known, the ControlNets' share of the denoising time per batch size
-for ControlNet rows (what the add-on costs), and memory: the largest ``cpu_peak_gb`` and
-``gpu_allocated_peak_gb`` over the row's ok cells.
+for ControlNet rows (what the add-on costs), each stage's it/s per batch size for a
+multi-stage model (Kandinsky 2.2's prior and decoder, DeepFloyd IF's stages), and memory: the
+largest ``cpu_peak_gb`` and ``gpu_allocated_peak_gb`` over the row's ok cells.
 A slot whose cell did not run ok carries its status instead of a figure. An ok slot also
 carries its spread over the repeats (``its_cv``) and is **noisy** when that spread is beyond
 the scenario's noise limit (``thresholds.noise``, recorded per cell as ``noise_limit``), so
@@ -57,6 +58,7 @@ ITS_HEADER = "performance it/s"
 MEMORY_HEADER = "memory cpu/gpu (GB)"
 MFU_HEADER = "MFU"
 CONTROLNET_HEADER = "ControlNet share of denoise"
+STAGES_HEADER = "per-stage it/s"
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class Slot:
     mfu: float | None = None
     #: The ControlNets' share of the denoising time (``controlnet_share``; ControlNet cells).
     controlnet_share: float | None = None
+    #: A multi-stage model's ``(stage, STAGE_its)`` in running order (``stages``).
+    stage_its: tuple[tuple[str, float | None], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -149,6 +153,15 @@ class Table:
     @property
     def controlnet_header(self) -> str:
         return f"{CONTROLNET_HEADER} (batch {' / '.join(str(b) for b in self.batches)})"
+
+    @property
+    def has_stages(self) -> bool:
+        """Some cell ran a multi-stage model: the table shows each stage's it/s."""
+        return any(slot.stage_its for row in self.rows for slot in row.slots)
+
+    @property
+    def stages_header(self) -> str:
+        return f"{STAGES_HEADER} (batch {' / '.join(str(b) for b in self.batches)})"
 
     @property
     def has_spread(self) -> bool:
@@ -361,5 +374,14 @@ def _slot(
         cv=None if status != "ok" or single else number(record.get("its_cv")),
         mfu=number(record.get("mfu")) if status == "ok" else None,
         controlnet_share=number(record.get("controlnet_share")) if status == "ok" else None,
+        stage_its=_stage_its(record) if status == "ok" else (),
         noise_limit=DEFAULT_NOISE_LIMIT if noise_limit is None else noise_limit,
     )
+
+
+def _stage_its(record: dict[str, Any]) -> tuple[tuple[str, float | None], ...]:
+    """``(stage, STAGE_its)`` of a multi-stage model's record (its ``stages``), else ()."""
+    stages = _value(record, "stages")
+    if not isinstance(stages, str) or not stages:
+        return ()
+    return tuple((name, number(record.get(f"{name}_its"))) for name in stages.split("+"))

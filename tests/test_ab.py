@@ -40,7 +40,7 @@ def test_a_against_a_is_not_flagged_and_the_report_shows_it(tmp_path: Path) -> N
     same.mkdir()
     out = tmp_path / "out"
     done = harness("ab", str(scenario), "--base", str(same), "--head", str(same), "--out",
-                   str(out), "--max-rounds", "8", "--seed", "3")
+                   str(out), "--max-rounds", "6", "--seed", "3")
     assert done.returncode == 0, done.stdout + done.stderr
     (record,) = load_ab(out)
     assert record["verdict"] in ("unchanged", "inconclusive")

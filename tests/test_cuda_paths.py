@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -403,6 +404,39 @@ def test_diffusers_offload_modes_call_their_diffusers_method(
     assert CUDA in args or kwargs.get("device") == CUDA
 
 
+@pytest.mark.parametrize(("model", "offload", "call"), [  # each family, each offload method
+    ("tiny-kandinsky22", "medvram", "enable_model_cpu_offload"),
+    ("tiny-deepfloyd-if", "lowvram", "enable_sequential_cpu_offload"),
+])
+def test_staged_offload_modes_call_their_diffusers_method_on_every_stage(
+    monkeypatch: pytest.MonkeyPatch, fake_cuda: FakeCuda, model: str, offload: str, call: str
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    from backends.diffusers_backend import DiffusersBackend
+    from models import resolve
+
+    called: list[tuple[str, str, Any]] = []
+    for name in ("to", "enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        monkeypatch.setattr(
+            DiffusionPipeline, name,
+            lambda pipe, *args, name=name, **kwargs: called.append(
+                (name, type(pipe).__name__, (args, kwargs))) or pipe,
+        )
+    cell = dataclasses.replace(_cuda_cells()[0], backend="diffusers", offload=offload,
+                               model=model, source="hub", sampler="ddpm")
+    backend = DiffusersBackend()
+    assert backend.unsupported(cell, CUDA) is None
+    if offload != "none":
+        assert "needs a CUDA device" in (backend.unsupported(cell, torch.device("cpu")) or "")
+    backend.load(cell, resolve(model, "hub"), CUDA)
+    pipelines = (["KandinskyV22PriorPipeline", "KandinskyV22Pipeline"] if "kandinsky" in model
+                 else ["IFPipeline", "IFSuperResolutionPipeline"])
+    assert [(name, pipe) for name, pipe, _ in called] == [(call, p) for p in pipelines]
+    for _, _, (args, kwargs) in called:
+        assert CUDA in args or kwargs.get("device") == CUDA
+
+
 # --- compile ------------------------------------------------------------------------------
 
 
@@ -543,6 +577,30 @@ def test_real_diffusers_offload_matches_no_offload(offload: str) -> None:
         session.close()
     assert torch.isfinite(latents[1]).all()
     assert torch.allclose(latents[0], latents[1], rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model", ["tiny-kandinsky22", "tiny-deepfloyd-if"])
+@pytest.mark.parametrize("offload", ["medvram", "lowvram"])
+def test_real_staged_offload_matches_no_offload(model: str, offload: str) -> None:
+    """Every stage offloaded gives the chain's images without offload (the dev log's "Cannot
+    copy out of meta tensor" under sequential offload would fail it)."""
+    from backends.diffusers_backend import DiffusersBackend
+    from harness.execute import request_for
+    from models import resolve
+
+    images = []
+    for mode in ("none", offload):
+        cell = dataclasses.replace(_cuda_cells()[0], backend="diffusers", dtype="fp16",
+                                   offload=mode, model=model, source="hub", sampler="ddpm",
+                                   guidance=4.0)
+        session = DiffusersBackend().load(cell, resolve(model, "hub"), CUDA)
+        with GenerationTimer(CUDA) as timer:
+            images.append(session.generate(request_for(cell, session), timer).images)
+        session.close()
+    assert np.isfinite(images[1]).all()
+    assert np.allclose(images[0], images[1], atol=2e-2)
 
 
 @pytest.mark.gpu

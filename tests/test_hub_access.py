@@ -183,3 +183,46 @@ def test_the_token_never_reaches_output_results_or_reports(
     assert (tmp_path / "r.html") in files and any(p.name == "results.jsonl" for p in files)
     for text in [*outputs, *(p.read_bytes().decode("utf-8", "replace") for p in files)]:
         assert OTHER not in text
+
+
+def test_a_gated_stage_of_a_multi_stage_model_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeepFloyd IF's stages are gated repositories each: the token's account accepted stage
+    I's licence, not stage II's — the error names stage II's repository and its page; with
+    access to both, ``models fetch`` of stage I takes every stage (the x4 upscaler too) and
+    the chain then resolves offline from the cache."""
+    from huggingface_hub import constants
+
+    stages = resolve("tiny-deepfloyd-if", "hub").stages or {}
+    repos = {
+        "DeepFloyd/IF-I-XL-v1.0": Repo.from_folder(stages["stage_1"], gated=True,
+                                                   allowed={GOOD, OTHER}),
+        "DeepFloyd/IF-II-L-v1.0": Repo.from_folder(stages["stage_2"], gated=True,
+                                                   allowed={GOOD}),
+        "stabilityai/stable-diffusion-x4-upscaler": Repo.from_folder(stages["stage_3"]),
+    }
+    with FakeHub(repos, {GOOD, OTHER}) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", OTHER)
+        with pytest.raises(UserError) as error:
+            resolve("hub:DeepFloyd/IF-I-XL-v1.0", "hub")
+        assert _one_line(error) == (
+            "model 'hub:DeepFloyd/IF-I-XL-v1.0': DeepFloyd/IF-II-L-v1.0 is gated and the "
+            "Hugging Face token in use has no access; accept its licence at "
+            f"{server.url}/DeepFloyd/IF-II-L-v1.0 with that token's account")
+        monkeypatch.setenv("HF_TOKEN", GOOD)
+        fetch("hub:DeepFloyd/IF-I-XL-v1.0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = resolve("hub:DeepFloyd/IF-I-XL-v1.0", "hub")
+    assert resolved.family == "deepfloyd-if" and resolved.from_cache is True
+    assert list(resolved.stages or {}) == ["stage_1", "stage_2"]
+    # models fetch took the x4 upscaler too: a run with it needs no network either
+    with_x4 = resolve("hub:DeepFloyd/IF-I-XL-v1.0", "hub", optional_stages=True)
+    assert list(with_x4.stages or {}) == ["stage_1", "stage_2", "stage_3"]

@@ -52,7 +52,7 @@ def run(session: OriginalSession, request: Request) -> tuple[Output, int]:
     """The output and the number of ``timer.step()`` calls."""
     with GenerationTimer(CPU) as timer:
         output = session.generate(request, timer)
-    return output, len(timer._step_marks) - 1
+    return output, len(timer.step_s())
 
 
 def request(session: OriginalSession, **cell_values: Any) -> Request:

@@ -14,6 +14,7 @@ from harness.errors import UserError
 from models import (
     SPEC_METADATA_KEY,
     SPECS,
+    STAGED_SPECS,
     config_folder,
     get_spec,
     list_models,
@@ -290,7 +291,7 @@ def test_write_model(zoo_cache: Path, tmp_path: Path) -> None:
 
 def test_list_models(tiny_hub: Path) -> None:
     records = {record["name"]: record for record in list_models()}
-    assert set(records) == set(SPECS)
+    assert set(records) == set(SPECS) | set(STAGED_SPECS)
     tiny = records["tiny"]
     assert tiny["fingerprint"] == get_spec("tiny").fingerprint()
     assert "hub" in tiny["cached_formats"]

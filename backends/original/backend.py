@@ -33,6 +33,7 @@ from backends.base import (
     Output,
     Request,
     Session,
+    staged_unsupported,
 )
 from backends.original.attention import set_attention, xformers_available
 from backends.original.checkpoint import load_latent_diffusion
@@ -383,6 +384,10 @@ class OriginalBackend(Backend):
     controlnet = True
 
     def unsupported(self, cell: Cell, device: torch.device) -> str | None:
+        from models.staged import STAGED_SPECS
+
+        if cell.model in STAGED_SPECS:
+            return staged_unsupported(STAGED_SPECS[cell.model].family)
         if cell.source not in SINGLE_FILE_SOURCES:
             return (
                 f"the original backend loads single files (safetensors, ckpt); "
@@ -415,6 +420,8 @@ class OriginalBackend(Backend):
         from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401 - the text encoder
 
     def load(self, cell: Cell, model: ResolvedModel, device: torch.device) -> Session:
+        if model.family is not None:  # a multi-stage model by a path or hub id
+            raise UnsupportedError(staged_unsupported(model.family))
         reason = self.unsupported(cell, device)
         if reason is not None:
             raise UnsupportedError(reason)

@@ -76,6 +76,7 @@ DISCARD_NEXT_TO_LAST: frozenset[str] = frozenset({"dpm_2", "dpm_2_a"})
 NOT_IMPLEMENTED: dict[str, str] = {
     "deis": "DEIS is a diffusers scheduler; the original backend has no k-diffusion DEIS",
     "unipc": "UniPC is a diffusers scheduler; the original backend has no k-diffusion UniPC",
+    "ddpm": "DDPM is a diffusers scheduler; the original backend has no k-diffusion DDPM",
 }
 
 
