@@ -40,30 +40,30 @@ def _checks(results: dict[str, Result], cell_id: str) -> dict[str, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["original", "diffusers"])
 def test_semantic_checks_pass_on_both_backends(results: dict[str, Result], backend: str) -> None:
-    lora = _checks(results, f"{backend}-tiny-txt2img-euler-lora-style@0.5+detail@1.0")
+    lora = _checks(results, f"{backend}-tiny-txt2img-safetensors-euler-lora-style@0.5+detail@1.0")
     for name in ("determinism", "lora_strength0", "lora_monotonic", "lora_merged"):
         assert lora[name]["status"] == "pass", (name, lora[name])
-    embedding = _checks(results, f"{backend}-tiny-txt2img-euler-embedding-sbstyle+sbmulti")
+    embedding = _checks(results, f"{backend}-tiny-txt2img-safetensors-euler-embedding-sbstyle+sbmulti")
     for name in ("determinism", "embedding_effect", "embedding_by_hand"):
         assert embedding[name]["status"] == "pass", (name, embedding[name])
-    img2img = _checks(results, f"{backend}-tiny-img2img-euler-str0.5")
+    img2img = _checks(results, f"{backend}-tiny-img2img-safetensors-euler-str0.5")
     assert img2img["img2img_strength0"]["status"] == "pass"
-    inpaint = _checks(results, f"{backend}-tiny-inpaint-euler-str1-mask-center")
+    inpaint = _checks(results, f"{backend}-tiny-inpaint-safetensors-euler-str1-mask-center")
     assert inpaint["inpaint_keeps_unmasked"]["status"] == "pass"
-    outpaint = _checks(results, f"{backend}-tiny-outpaint-euler-str1-pad16")
+    outpaint = _checks(results, f"{backend}-tiny-outpaint-safetensors-euler-str1-pad16")
     assert outpaint["inpaint_keeps_unmasked"]["status"] == "pass"
     for family in ("sd21", "sdxl"):
-        outpaint = _checks(results, f"{backend}-tiny-{family}-outpaint-euler-str1-pad16")
+        outpaint = _checks(results, f"{backend}-tiny-{family}-outpaint-safetensors-euler-str1-pad16")
         assert outpaint["inpaint_keeps_unmasked"]["status"] == "pass", family
-    for cell_id in (f"{backend}-tiny-hires-euler-str0.5-x2-latent",
-                    f"{backend}-tiny-inpaint-inpaint-euler-str1-mask-left"):
+    for cell_id in (f"{backend}-tiny-hires-safetensors-euler-str0.5-x2-latent",
+                    f"{backend}-tiny-inpaint-inpaint-safetensors-euler-str1-mask-left"):
         assert _checks(results, cell_id)["determinism"]["status"] == "pass"
 
 
 @pytest.mark.slow
 def test_long_prompts_kept_by_original_truncated_by_diffusers(results: dict[str, Result]) -> None:
-    original = _checks(results, "original-tiny-txt2img-euler")["long_prompt"]
-    diffusers = _checks(results, "diffusers-tiny-txt2img-euler")["long_prompt"]
+    original = _checks(results, "original-tiny-txt2img-safetensors-euler")["long_prompt"]
+    diffusers = _checks(results, "diffusers-tiny-txt2img-safetensors-euler")["long_prompt"]
     assert original["status"] == diffusers["status"] == "pass"
     assert "keeps long prompts" in original["detail"]
     assert "truncates at 77" in diffusers["detail"]
@@ -77,11 +77,11 @@ def test_every_sampler_runs_or_is_unsupported(results: dict[str, Result]) -> Non
     assert len(samplers) == 42
     unsupported = {r.cell.id for r in samplers if r.status == "unsupported"}
     assert unsupported == {
-        "original-tiny-txt2img-deis",
-        "original-tiny-txt2img-unipc",
-        "diffusers-tiny-txt2img-dpmpp_2s_a",
-        "diffusers-tiny-txt2img-dpmpp_2s_a_karras",
-        "diffusers-tiny-txt2img-euler_a_karras",
+        "original-tiny-txt2img-safetensors-deis",
+        "original-tiny-txt2img-safetensors-unipc",
+        "diffusers-tiny-txt2img-safetensors-dpmpp_2s_a",
+        "diffusers-tiny-txt2img-safetensors-dpmpp_2s_a_karras",
+        "diffusers-tiny-txt2img-safetensors-euler_a_karras",
     }
     for result in samplers:
         if result.status == "ok":
@@ -90,19 +90,19 @@ def test_every_sampler_runs_or_is_unsupported(results: dict[str, Result]) -> Non
 
 @pytest.mark.slow
 def test_parity_where_both_backends_compute_the_same(results: dict[str, Result]) -> None:
-    for cell_id in ("diffusers-tiny-txt2img-euler", "diffusers-tiny-txt2img-heun",
-                    "diffusers-tiny-txt2img-lms", "diffusers-tiny-img2img-euler-str0.5",
-                    "diffusers-tiny-hires-euler-str0.5-x2-latent",
-                    "diffusers-tiny-txt2img-euler-lora-style@0.5+detail@1.0",
-                    "diffusers-tiny-txt2img-euler-embedding-sbstyle+sbmulti",
-                    "diffusers-tiny-sd21-txt2img-euler", "diffusers-tiny-sd21-img2img-euler-str0.5",
-                    "diffusers-tiny-sd21-hires-euler-str0.5-x2-latent",
-                    "diffusers-tiny-sd21-txt2img-euler-embedding-sbstyle",
-                    "diffusers-tiny-sdxl-txt2img-euler", "diffusers-tiny-sdxl-txt2img-ddim",
-                    "diffusers-tiny-sdxl-img2img-euler-str0.5",
-                    "diffusers-tiny-sdxl-hires-euler-str0.5-x2-latent",
-                    "diffusers-tiny-sdxl-txt2img-euler-embedding-sbstyle",
-                    "diffusers-tiny-sdxl-txt2img-euler-lora-style@0.5+detail@1.0"):
+    for cell_id in ("diffusers-tiny-txt2img-safetensors-euler", "diffusers-tiny-txt2img-safetensors-heun",
+                    "diffusers-tiny-txt2img-safetensors-lms", "diffusers-tiny-img2img-safetensors-euler-str0.5",
+                    "diffusers-tiny-hires-safetensors-euler-str0.5-x2-latent",
+                    "diffusers-tiny-txt2img-safetensors-euler-lora-style@0.5+detail@1.0",
+                    "diffusers-tiny-txt2img-safetensors-euler-embedding-sbstyle+sbmulti",
+                    "diffusers-tiny-sd21-txt2img-safetensors-euler", "diffusers-tiny-sd21-img2img-safetensors-euler-str0.5",
+                    "diffusers-tiny-sd21-hires-safetensors-euler-str0.5-x2-latent",
+                    "diffusers-tiny-sd21-txt2img-safetensors-euler-embedding-sbstyle",
+                    "diffusers-tiny-sdxl-txt2img-safetensors-euler", "diffusers-tiny-sdxl-txt2img-safetensors-ddim",
+                    "diffusers-tiny-sdxl-img2img-safetensors-euler-str0.5",
+                    "diffusers-tiny-sdxl-hires-safetensors-euler-str0.5-x2-latent",
+                    "diffusers-tiny-sdxl-txt2img-safetensors-euler-embedding-sbstyle",
+                    "diffusers-tiny-sdxl-txt2img-safetensors-euler-lora-style@0.5+detail@1.0"):
         metrics = results[cell_id].metrics
         assert metrics["parity_status"] == "pass", (cell_id, metrics["check_results"]["parity"])
         assert metrics["parity_latent_rel_err"] < 1e-3
