@@ -152,12 +152,18 @@ def synthetic_plan(
     exists at a time and the values are the fp32 model's, rounded.
     """
     plan: dict[str, PlannedTensor] = {}
+    #: Tied parameters (T5's shared and encoder token embeddings) get the same values under
+    #: each name, as the released checkpoints store them.
+    planned: dict[int, PlannedTensor] = {}
     for module_name, module in model.named_modules():
         for param, value in module.named_parameters(recurse=False):
             name = f"{module_name}.{param}" if module_name else param
+            if id(value) in planned:
+                plan[name] = planned[id(value)]
+                continue
             shape = tuple(value.shape)
             mean, std = init_scale(module, param, value.shape)
-            plan[name] = PlannedTensor(
+            plan[name] = planned[id(value)] = PlannedTensor(
                 shape,
                 dtype,
                 functools.partial(_draw, shape, mean, std, seed, f"{component}.{name}", dtype),

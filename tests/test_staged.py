@@ -180,6 +180,12 @@ def test_the_zoo_writes_one_release_repo_per_stage() -> None:
     classes = {name: json.loads((path / "model_index.json").read_text())["_class_name"]
                for name, path in (resolved.stages or {}).items()}
     assert classes == {"prior": "KandinskyV22PriorPipeline", "decoder": "KandinskyV22Pipeline"}
+    # T5's shared and encoder token embeddings are one tensor, stored under both names
+    from transformers import T5EncoderModel
+
+    deepfloyd = resolve("tiny-deepfloyd-if", "hub").stages or {}
+    t5 = T5EncoderModel.from_pretrained(str(deepfloyd["stage_1"] / "text_encoder"))
+    assert t5.shared.weight.data_ptr() == t5.encoder.embed_tokens.weight.data_ptr()
     hub = resolve("hub:sdbench/tiny-deepfloyd-IF-I", "hub")
     assert hub.family == "deepfloyd-if" and hub.from_cache is True
     assert list(hub.stages or {}) == ["stage_1", "stage_2"]  # the x4 upscaler only on request
@@ -228,3 +234,27 @@ def test_the_timer_times_each_stage_from_its_own_start() -> None:
     assert list(timing.stages) == ["a", "b"] and timing.stage_steps == 5
     assert len(timing.stages["a"].steps) == 2 and len(timing.stages["b"].steps) == 3
     assert max(timing.steps) < 0.05 < timing.denoise  # type: ignore[operator]
+
+
+@pytest.mark.slow
+def test_kandinsky22_full_size_loads_and_runs_each_stage() -> None:
+    """The release-shaped kandinsky22-fp16 (9.2 GB, streamed in fp16): each stage loads with
+    every weight from its files and runs two steps on the CPU (in fp32: ~15 GB at the prior)."""
+    from diffusers import DiffusionPipeline
+
+    stages = resolve("kandinsky22-fp16", "hub").stages or {}
+    generator = torch.Generator().manual_seed(0)
+    prior = DiffusionPipeline.from_pretrained(str(stages["prior"]), dtype=torch.float32,
+                                              local_files_only=True)
+    assert sum(p.numel() for p in prior.prior.parameters()) == 1_026_225_920
+    embeds = prior("a photograph of an astronaut riding a horse", num_inference_steps=2,
+                   generator=generator)
+    assert embeds.image_embeds.shape == (1, 1280) and torch.isfinite(embeds.image_embeds).all()
+    del prior
+    decoder = DiffusionPipeline.from_pretrained(str(stages["decoder"]), dtype=torch.float32,
+                                                local_files_only=True)
+    assert not any(p.is_meta for p in decoder.unet.parameters())
+    images = decoder(image_embeds=embeds.image_embeds,
+                     negative_image_embeds=embeds.negative_image_embeds, height=64, width=64,
+                     num_inference_steps=2, generator=generator, output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0
