@@ -839,6 +839,17 @@ class DiffusersSession(Session):
         del self.pipe
 
 
+def place(pipe: Any, offload: str, device: torch.device) -> None:
+    """Put a pipeline on ``device`` by the cell's offload mode: ``medvram`` = model CPU
+    offload, ``lowvram`` = sequential CPU offload, ``none`` = all of it on the device."""
+    if offload == "medvram":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "lowvram":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+
 def _inpainting_model_problem(cell: Cell) -> str | None:
     """A zoo inpainting model (9-channel UNet) runs only inpaint / outpaint here.
 
@@ -963,12 +974,7 @@ class DiffusersBackend(Backend):
         if cell.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        if cell.offload == "medvram":
-            pipe.enable_model_cpu_offload(device=device)
-        elif cell.offload == "lowvram":
-            pipe.enable_sequential_cpu_offload(device=device)
-        else:
-            pipe.to(device)
+        place(pipe, cell.offload, device)
         if cell.compile != "none":
             pipe.unet = torch.compile(  # type: ignore[assignment]
                 pipe.unet, mode=cell.compile, fullgraph=cell.fullgraph

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from backends.base import TORCH_DTYPES, Output, Request, Session
-from backends.diffusers_backend import denoising_steps, make_scheduler
+from backends.diffusers_backend import denoising_steps, make_scheduler, place
 from harness.cell import Cell
 from harness.errors import UnsupportedError, UserError
 from harness.measure import GenerationTimer
@@ -500,7 +500,8 @@ def load_staged(cell: Cell, model: ResolvedModel, device: torch.device) -> Stage
 
 
 def _configure(pipe: Any, denoiser: str, cell: Cell, device: torch.device) -> None:
-    """Attention, offload and compile of one stage (as the SD pipelines' ``_configure``): the
+    """Attention, channels_last, offload and compile of one stage (as the SD pipelines'
+    ``_configure``): the
     UNets' ``sdp`` is the processors diffusers picks with torch's SDPA (the added-KV ones for
     these UNets' attention), ``math`` their plain twins."""
     if cell.attention == "math":
@@ -510,12 +511,12 @@ def _configure(pipe: Any, denoiser: str, cell: Cell, device: torch.device) -> No
                 module.set_default_attn_processor()
     elif cell.attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
-    if cell.offload == "medvram":
-        pipe.enable_model_cpu_offload(device=device)
-    elif cell.offload == "lowvram":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    if cell.channels_last:
+        for name in ("unet", "vae", "movq"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    place(pipe, cell.offload, device)
     if cell.compile != "none":
         setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser), mode=cell.compile,
                                               fullgraph=cell.fullgraph))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .specs import FP16_SUFFIX, WEIGHTS_DTYPES, ZOO_FORMAT_VERSION
+from .specs import _vae as sd_vae
 
 #: The multi-stage families: what each is and that the original backend never ran it.
 STAGED_FAMILIES: dict[str, str] = {
@@ -385,21 +386,8 @@ def _x4_unet(widths: tuple[int, ...], layers: int, heads: int, context: int,
 
 
 def _x4_vae(widths: tuple[int, ...], layers: int) -> dict[str, Any]:
-    """The x4 upscaler's f4 KL VAE (3 levels), scaling factor 0.08333."""
-    return {
-        "_class_name": "AutoencoderKL",
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 4,
-        "down_block_types": ["DownEncoderBlock2D"] * len(widths),
-        "up_block_types": ["UpDecoderBlock2D"] * len(widths),
-        "block_out_channels": list(widths),
-        "layers_per_block": layers,
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "sample_size": 256,
-        "scaling_factor": 0.08333,
-    }
+    """The x4 upscaler's f4 KL VAE (3 levels): SD's VAE structure, scaling factor 0.08333."""
+    return {**sd_vae(widths, layers, sample_size=256), "scaling_factor": 0.08333}
 
 
 #: Kandinsky 2.2's prior scheduler (predicts the clean embedding; "fixed_small_log").
