@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .specs import FP16_SUFFIX, WEIGHTS_DTYPES, ZOO_FORMAT_VERSION
+from .specs import _unet as sd_unet
 from .specs import _vae as sd_vae
 
 #: The multi-stage families: what each is and that the original backend never ran it.
@@ -357,28 +358,13 @@ def _if_unet(widths: tuple[int, ...], layers: int | list[int], head_dim: int, co
 
 def _x4_unet(widths: tuple[int, ...], layers: int, heads: int, context: int,
              attention: tuple[bool, ...]) -> dict[str, Any]:
-    """The x4 upscaler's latent UNet: 4 noisy latents + the 3-channel low-resolution image
-    in, its noise level as a class embedding (``num_class_embeds`` 1000)."""
-    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
-    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    """The x4 upscaler's latent UNet: SD's structure with 4 noisy latents + the 3-channel
+    low-resolution image in, its noise level as a class embedding (``num_class_embeds``
+    1000), cross-attention only in the attention levels."""
     return {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": 128,
-        "in_channels": 7,
-        "out_channels": 4,
-        "down_block_types": down,
-        "up_block_types": up,
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "block_out_channels": list(widths),
-        "layers_per_block": layers,
-        "attention_head_dim": heads,
-        "cross_attention_dim": context,
+        **sd_unet(widths, attention, layers=layers, heads=heads, context=context,
+                  sample_size=128, in_channels=7, linear=True),
         "num_class_embeds": 1000,
-        "norm_num_groups": 32,
-        "act_fn": "silu",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "use_linear_projection": True,
         "only_cross_attention": [True] * sum(attention)
         + [False] * (len(attention) - sum(attention)),
         "upcast_attention": False,
