@@ -124,6 +124,8 @@ class StagedSession(Session):
         self.base_configs = {name: dict(pipe.scheduler.config) for name, pipe in pipes.items()}
         self._sampler: tuple[str, int] | None = None
         self._prepared: Request | None = None
+        #: The prepared request's steps and guidance per stage (:meth:`_stage_values`).
+        self._values: tuple[dict[str, int], dict[str, float]] = ({}, {})
         self._img2img: Any = None
         #: The running generation's timer, and the stages whose denoising has started.
         self._timer: GenerationTimer | None = None
@@ -188,9 +190,7 @@ class StagedSession(Session):
         for name, pipe in self.pipes.items():
             if name != "prior":  # the prior keeps its release's UnCLIP scheduler
                 pipe.scheduler = make_scheduler(sampler, self.base_configs[name], seed)
-        if self._img2img is not None:
-            self._img2img.scheduler = self.pipes["decoder"].scheduler
-        self._sampler = (sampler, seed)
+        self._sampler = (sampler, seed)  # the img2img twin takes it in _decoder
 
     def _decoder(self, workflow: str) -> Any:
         """Kandinsky's decoder pipeline of ``workflow``: the loaded one, or its img2img twin
@@ -220,11 +220,12 @@ class StagedSession(Session):
         if request.loras or request.embeddings or request.controls:
             raise UnsupportedError(f"LoRA, embeddings and ControlNet with {self.family}: not wired")
         self._check_size(request)
-        self._stage_values(request)
+        self._values = self._stage_values(request)
         if request.workflow == "img2img" and request.init_image is None:
             raise ValueError("workflow img2img: request.init_image is None")
         self._use_sampler(request.sampler, request.seed)
-        self._decoder(request.workflow) if self.family == "kandinsky22" else None
+        if self.family == "kandinsky22":
+            self._decoder(request.workflow)
         self._prepared = request
 
     # -- timing -------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ class StagedSession(Session):
     @torch.no_grad()
     def generate(self, request: Request, timer: GenerationTimer) -> Output:
         self.prepare(request)
-        steps, guidance = self._stage_values(request)
+        steps, guidance = self._values
         self._timer = timer
         self._started = set()
         try:

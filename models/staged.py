@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from .specs import FP16_SUFFIX, WEIGHTS_DTYPES, ZOO_FORMAT_VERSION
+from .specs import _openclip_projected as openclip_projected
+from .specs import _openclip_text as openclip_text
 from .specs import _unet as sd_unet
 from .specs import _vae as sd_vae
 
@@ -169,27 +171,6 @@ class StagedSpec:
 
 
 # --------------------------------------------------------------------------- configs
-
-
-def _clip_text(vocab: int, hidden: int, intermediate: int, layers: int, heads: int,
-               projection: int) -> dict[str, Any]:
-    """A ``CLIPTextModelWithProjection`` config (Kandinsky's prior text encoder)."""
-    return {
-        "model_type": "clip_text_model",
-        "architectures": ["CLIPTextModelWithProjection"],
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "max_position_embeddings": 77,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-5,
-        "projection_dim": projection,
-        "bos_token_id": vocab - 2,
-        "eos_token_id": vocab - 1,
-        "pad_token_id": 1,
-    }
 
 
 def _clip_vision(hidden: int, intermediate: int, layers: int, heads: int, projection: int,
@@ -571,13 +552,6 @@ def _deepfloyd(name: str, description: str, *, t5: dict[str, Any], stage_1: dict
     )
 
 
-def _x4_text(vocab: int, hidden: int, intermediate: int, layers: int,
-             heads: int) -> dict[str, Any]:
-    """The x4 upscaler's OpenCLIP text tower as a ``CLIPTextModel`` (penultimate layer)."""
-    config = _clip_text(vocab, hidden, intermediate, layers, heads, hidden)
-    return {**config, "architectures": ["CLIPTextModel"]}
-
-
 KANDINSKY_DEFAULTS = {"resolution": 768, "steps": {"prior": 25, "decoder": 50},
                       "guidance": 4.0}
 DEEPFLOYD_DEFAULTS = {"resolution": 256, "steps": {"stage_1": 100, "stage_2": 50,
@@ -589,7 +563,7 @@ STAGED_SPECS: dict[str, StagedSpec] = {
         "tiny-kandinsky22",
         "Kandinsky 2.2 structure at test widths (prior 2x32, CLIP text 2x32 / vision 2x32, "
         "decoder UNet 32/64, MoVQ f8)",
-        text=_clip_text(1000, 32, 64, 2, 4, 32),
+        text=openclip_projected(1000, 32, 64, 2, 4, 32),
         image=_clip_vision(32, 64, 2, 4, 32, image_size=32, patch_size=8),
         prior=_prior(heads=2, head_dim=16, layers=2, embedding_dim=32),
         unet=_kandinsky_unet((32, 64), layers=1, head_dim=8, context=32, image_embed=32,
@@ -610,7 +584,7 @@ STAGED_SPECS: dict[str, StagedSpec] = {
                          sample_size=64, super_resolution=True, time_dim=64, heads_added=2),
         x4_unet=_x4_unet((32, 64), layers=1, heads=8, context=32, attention=(False, True)),
         x4_vae=_x4_vae((32, 32, 64), layers=1),
-        x4_text=_x4_text(1000, 32, 64, 2, 4),
+        x4_text=openclip_text(1000, 32, 64, 2, 4),
         vocab=1000,
         clip_vocab=1000,
         repo="sdbench/tiny-deepfloyd",
@@ -622,7 +596,7 @@ STAGED_SPECS: dict[str, StagedSpec] = {
         "kandinsky22",
         "Kandinsky 2.2 shapes: 1.0B prior, CLIP ViT-bigG/14 text (0.7B) and vision (1.8B) "
         "encoders, 1.25B decoder UNet on MoVQ latents (67M, f8)",
-        text=_clip_text(49408, 1280, 5120, 32, 20, 1280),
+        text=openclip_projected(49408, 1280, 5120, 32, 20, 1280),
         image=_clip_vision(1664, 8192, 48, 16, 1280),
         prior=_prior(heads=32, head_dim=64, layers=20, embedding_dim=1280),
         unet=_kandinsky_unet((384, 768, 1152, 1536), layers=3, head_dim=64, context=768,
@@ -645,7 +619,7 @@ STAGED_SPECS: dict[str, StagedSpec] = {
         x4_unet=_x4_unet((256, 512, 512, 1024), layers=2, heads=8, context=1024,
                          attention=(False, True, True, True)),
         x4_vae=_x4_vae((128, 256, 512), layers=2),
-        x4_text=_x4_text(49408, 1024, 4096, 23, 16),
+        x4_text=openclip_text(49408, 1024, 4096, 23, 16),
         vocab=32128,
         clip_vocab=49408,
         repo="sdbench/deepfloyd",
