@@ -29,9 +29,12 @@ def _run(script: str, tmp_path: Path, *args: str) -> list[dict]:
 
 
 def test_overhead_quick(tmp_path: Path) -> None:
-    ratios = _run("overhead", tmp_path)
+    ratios = _run("overhead", tmp_path, "--parts")
     assert {r["name"].split()[0] for r in ratios} == {"diffusers", "original"}
     assert all(r["rounds"] == 2 and r["median"] > 0 for r in ratios)
+    # per backend: the cell, then the timed region's pieces, each against the bare call
+    assert [r["a"] for r in ratios] == ["harness", "timer", "monitored"] * 2
+    assert {r["b"] for r in ratios} == {"bare"}
 
 
 def test_unet_quick(tmp_path: Path) -> None:
