@@ -354,7 +354,7 @@ class MemoryMonitor:
     device's used memory (which nothing else records), and on the CPU where the OS
     high-water mark cannot be reset. Where it can (Linux), ``VmHWM`` is exact and never below
     any sample, so the CPU's RSS is read at the region's ends only and no thread shares the
-    cores with the generation (a 10 ms sampler cost ≈4% of a tiny CPU generation).
+    cores with the generation (what a 10 ms sampler cost: docs/performance.md).
     With a :class:`Baseline` the peaks also say how much is this process's own GPU memory.
     """
 
